@@ -1,0 +1,155 @@
+"""The pmhub demo chat on ASGI (uvicorn), with a browser page at ``/``.
+
+    pip install 'pmhub[examples]'
+    python examples/asgi_chat.py            # then open http://127.0.0.1:8000/
+
+Users alice (1), bob (2), carol (3) and mallory (4), each with the password
+equal to the name; mallory may converse only with carol. Messages are kept in
+a SQLite file (``--db``, default ``pmhub-demo.db``). Session cookies are
+signed with ``PMHUB_SECRET`` (a random secret when unset, so a restart logs
+everyone out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import os
+import secrets
+from pathlib import Path
+
+import anyio
+import msgspec
+
+from pmhub import Hub, Limits, PrometheusMetrics, SessionAuthenticator, SQLiteStore, StaticPolicy
+from pmhub.adapters.asgi import (
+    ASGIApp,
+    PmhubApp,
+    Receive,
+    Scope,
+    Send,
+    read_json,
+    respond_json,
+    route_path,
+    serve,
+)
+from pmhub.auth import Request
+from pmhub.errors import Rejected, Unauthenticated
+
+USERS = {"alice": 1, "bob": 2, "carol": 3, "mallory": 4}
+NAMES = {user_id: name for name, user_id in USERS.items()}
+POLICY = StaticPolicy(USERS.values(), only={USERS["mallory"]: {USERS["carol"]}})
+PAGE = Path(__file__).with_name("chat.html")
+
+
+class Login(msgspec.Struct):
+    username: str
+    password: str
+
+
+def build_app(
+    db: str = "pmhub-demo.db",
+    secret: str | None = None,
+    *,
+    limits: Limits | None = None,
+    metrics: PrometheusMetrics | None = None,
+) -> tuple[ASGIApp, Hub]:
+    """The demo application and its hub (tests build it with their own limits)."""
+    auth = SessionAuthenticator(secret or os.environ.get("PMHUB_SECRET") or secrets.token_hex(32))
+    hub = Hub(SQLiteStore(db), POLICY, limits=limits, metrics=metrics)
+    pmhub_app = PmhubApp(hub, auth)
+
+    async def login(receive: Receive, send: Send) -> None:
+        body = await read_json(receive, Login, 4096)
+        user_id = USERS.get(body.username)
+        # Compare even for unknown names so timing does not reveal who exists.
+        if not hmac.compare_digest(body.password, body.username) or user_id is None:
+            raise Unauthenticated("wrong username or password")
+        cookie = (
+            f"session={auth.issue(user_id)}; Path=/; HttpOnly; SameSite=Lax;"
+            f" Max-Age={int(auth.max_age)}"
+        )
+        headers = [(b"content-type", b"application/json"), (b"set-cookie", cookie.encode())]
+        await respond_json(send, 200, _user(user_id), headers)
+
+    async def logout(request: Request, send: Send) -> None:
+        value = request.cookies.get("session")
+        identity = auth.revoke(value) if value else None
+        if identity is not None and identity.session_id is not None:
+            await hub.revoke(identity.session_id)
+        expired = b"session=; Path=/; HttpOnly; SameSite=Lax; Max-Age=0"
+        headers = [(b"content-type", b"application/json"), (b"set-cookie", expired)]
+        await respond_json(send, 200, b'{"status":"ok"}', headers)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        route = (scope["method"], route_path(scope)) if scope["type"] == "http" else None
+        if route not in DEMO_ROUTES:
+            await pmhub_app(scope, receive, send)
+            return
+        path = route[1]
+        request = Request(path, {k.decode().lower(): v.decode() for k, v in scope["headers"]})
+        try:
+            if route == ("GET", "/"):
+                page = PAGE.read_bytes()
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 200,
+                        "headers": [
+                            (b"content-type", b"text/html; charset=utf-8"),
+                            (b"content-security-policy", CSP),
+                        ],
+                    }
+                )
+                await send({"type": "http.response.body", "body": page})
+            elif route == ("POST", "/api/login"):
+                await login(receive, send)
+            elif route == ("POST", "/api/logout"):
+                await logout(request, send)
+            elif route == ("GET", "/api/me"):
+                identity = await auth.authenticate(request)
+                await respond_json(send, 200, _user(identity.user_id))
+            elif route == ("GET", "/api/users"):
+                identity = await auth.authenticate(request)
+                peers = [
+                    {"id": peer, "username": NAMES[peer]}
+                    for peer in sorted(NAMES)
+                    if await POLICY.may_converse(identity.user_id, peer)
+                ]
+                await respond_json(send, 200, msgspec.json.encode(peers))
+        except Rejected as exc:
+            body = msgspec.json.encode({"error": {"code": exc.code, "message": exc.message}})
+            await respond_json(send, exc.status, body)
+
+    return app, hub
+
+
+DEMO_ROUTES = {
+    ("GET", "/"),
+    ("POST", "/api/login"),
+    ("POST", "/api/logout"),
+    ("GET", "/api/me"),
+    ("GET", "/api/users"),
+}
+CSP = (
+    b"default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'"
+)
+
+
+def _user(user_id: int) -> bytes:
+    return msgspec.json.encode({"id": user_id, "username": NAMES[user_id]})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
+    parser.add_argument("--db", default="pmhub-demo.db", help="SQLite file for messages")
+    args = parser.parse_args()
+    app, hub = build_app(args.db, metrics=PrometheusMetrics())
+    print(f"pmhub demo: open http://{args.host}:{args.port}/ (alice/alice, bob/bob, ...)")
+    anyio.run(lambda: serve(app, hub, host=args.host, port=args.port))
+
+
+if __name__ == "__main__":
+    main()

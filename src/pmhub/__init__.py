@@ -1,0 +1,51 @@
+"""pmhub: real-time 1:1 private messaging over WebSockets.
+
+The core (:class:`Hub`, :class:`Client`, the frames of :mod:`pmhub.frames`)
+does no network I/O; adapters (:mod:`pmhub.adapters.asgi`) wire it into a
+server. Storage, brokers, authentication and permissions are small protocols
+with ready implementations.
+"""
+
+from .auth import Authenticator, Identity, Request, SessionAuthenticator
+from .broker import Broker, InProcessBroker
+from .client import Client
+from .errors import BackendError, PmhubError, Rejected, Unauthenticated
+from .frames import Conversation, Message
+from .hub import Hub
+from .limits import Limits
+from .metrics import Metrics, NullMetrics, PrometheusMetrics
+from .policy import AllowAll, PermissionPolicy, StaticPolicy
+from .store import Draft, MessageStore, ReadReceipt
+from .stores import MemoryStore, SQLiteStore
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AllowAll",
+    "Authenticator",
+    "BackendError",
+    "Broker",
+    "Client",
+    "Conversation",
+    "Draft",
+    "Hub",
+    "Identity",
+    "InProcessBroker",
+    "Limits",
+    "MemoryStore",
+    "Message",
+    "MessageStore",
+    "Metrics",
+    "NullMetrics",
+    "PermissionPolicy",
+    "PmhubError",
+    "PrometheusMetrics",
+    "ReadReceipt",
+    "Rejected",
+    "Request",
+    "SQLiteStore",
+    "SessionAuthenticator",
+    "StaticPolicy",
+    "Unauthenticated",
+    "__version__",
+]

@@ -1,0 +1,1 @@
+"""Adapters that wire a :class:`~pmhub.hub.Hub` into a server."""

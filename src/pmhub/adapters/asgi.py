@@ -1,0 +1,399 @@
+"""The ASGI adapter: ``/ws`` and the HTTP API of the wire protocol, in pure ASGI.
+
+:class:`PmhubApp` runs on any ASGI server (uvicorn, hypercorn, daphne…) and
+mounts under a prefix in Starlette or FastAPI. It only moves frames between
+the server and the :class:`~pmhub.hub.Hub`; every decision is the hub's.
+
+ASGI has no ping frames, so the WebSocket heartbeat is the server's: run it
+with pings on (uvicorn: ``ws_ping_interval=20, ws_ping_timeout=20``, as
+:func:`pmhub.adapters.asgi.serve` does). pmhub enforces its own frame-size
+limit (close 1009) whatever the server's is.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, MutableMapping
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import anyio
+import msgspec
+
+from ..auth import Authenticator, Identity, Request, origin_allowed
+from ..errors import BackendError, Rejected
+from ..frames import encode
+from ..hub import Hub
+from ..protocol import CLOSE_INTERNAL_ERROR, CLOSE_POLICY_VIOLATION
+
+__all__ = [
+    "ASGIApp",
+    "PmhubApp",
+    "Receive",
+    "Scope",
+    "Send",
+    "read_json",
+    "respond_json",
+    "route_path",
+    "serve",
+]
+
+logger = logging.getLogger("pmhub")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+S = TypeVar("S", bound=msgspec.Struct)
+JSON = [(b"content-type", b"application/json")]
+
+
+class _PostMessage(msgspec.Struct, frozen=True):
+    recipient_id: int
+    content: str
+    client_id: str | None = None
+
+
+class _PostRead(msgspec.Struct, frozen=True):
+    up_to_id: int
+
+
+class PmhubApp:
+    """An ASGI application serving a hub.
+
+    * ``websocket_path`` (default ``/ws``) upgrades to the chat protocol.
+    * ``/api/...``, ``/healthz`` and ``/metrics`` serve the HTTP API.
+    * ``allowed_origins`` lists extra browser origins (``host[:port]``) allowed
+      besides the request's own host.
+
+    Run standalone, it starts the hub on the server's lifespan; mounted in
+    another app, pass :meth:`lifespan` to that app (see docs/embedding.md).
+    """
+
+    def __init__(
+        self,
+        hub: Hub,
+        authenticator: Authenticator,
+        *,
+        websocket_path: str = "/ws",
+        allowed_origins: Collection[str] = (),
+        max_body_size: int = 64 * 1024,
+    ) -> None:
+        if not websocket_path.startswith("/"):
+            raise ValueError(f"websocket_path must start with '/', got {websocket_path!r}")
+        self.hub = hub
+        self.authenticator = authenticator
+        self.websocket_path = websocket_path
+        self.allowed_origins = frozenset(allowed_origins)
+        self.max_body_size = max_body_size
+
+    @asynccontextmanager
+    async def lifespan(self, app: object = None) -> AsyncIterator[None]:
+        """Run the hub for the life of an application (a Starlette ``lifespan``)."""
+        async with self.hub:
+            yield
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        path = route_path(scope)
+        if kind == "websocket" and path == self.websocket_path:
+            await self._websocket(scope, receive, send)
+        elif kind == "http" and (path.startswith("/api/") or path in ("/healthz", "/metrics")):
+            await self._http(scope, receive, send, path)
+        elif kind == "websocket":
+            await _refuse(scope, send, 404, "not_found", f"no WebSocket endpoint at {path}")
+        else:
+            await respond_json(send, 404, _error_body("not_found", f"no route for {path}"))
+
+    # -- lifespan --------------------------------------------------------------------
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        message = await receive()
+        if message["type"] != "lifespan.startup":
+            return
+        try:
+            async with self.lifespan():
+                await send({"type": "lifespan.startup.complete"})
+                message = await receive()  # lifespan.shutdown
+        except BaseException as exc:
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.failed", "message": repr(exc)})
+            else:
+                await send({"type": "lifespan.shutdown.failed", "message": repr(exc)})
+            raise
+        await send({"type": "lifespan.shutdown.complete"})
+
+    # -- WebSocket ---------------------------------------------------------------------
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (await receive())["type"] != "websocket.connect":
+            return
+        request = _request(scope)
+        if not origin_allowed(
+            request.headers.get("origin"), request.headers.get("host"), self.allowed_origins
+        ):
+            await _refuse(scope, send, 403, "forbidden", "this Origin may not connect")
+            return
+        try:
+            identity = await self.authenticator.authenticate(request)
+        except Rejected as exc:
+            await _refuse(scope, send, exc.status, exc.code, exc.message)
+            return
+        if not self.hub.running:
+            await _refuse(scope, send, 503, "unavailable", "the hub is not running")
+            return
+        await send({"type": "websocket.accept"})
+        async with self.hub.connect(identity) as client, anyio.create_task_group() as tg:
+
+            async def write() -> None:
+                while (frame := await client.next_frame()) is not None:
+                    await send({"type": "websocket.send", "text": frame.text})
+                await send(
+                    {
+                        "type": "websocket.close",
+                        "code": client.close_code,
+                        "reason": client.close_reason,
+                    }
+                )
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(write)
+            try:
+                while True:
+                    message = await receive()
+                    if message["type"] == "websocket.disconnect":
+                        break
+                    if message.get("text") is not None:
+                        await self.hub.receive(client, message["text"])
+                    else:
+                        await self.hub.receive(client, message.get("bytes") or b"", binary=True)
+            except OSError:  # the server lost the socket
+                pass
+            except Exception:
+                logger.exception("WebSocket of %r failed", client)
+                client.close(CLOSE_INTERNAL_ERROR, "internal error")
+                return
+            tg.cancel_scope.cancel()
+
+    # -- HTTP -------------------------------------------------------------------------
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
+        method = scope["method"]
+        parts = path.strip("/").split("/")
+        try:
+            if path == "/healthz":
+                _allow(method, "GET")
+                await self._healthz(send)
+                return
+            if path == "/metrics":
+                _allow(method, "GET")
+                await self._metrics(send)
+                return
+            request = _request(scope)
+            if method not in ("GET", "HEAD") and not origin_allowed(
+                request.headers.get("origin"), request.headers.get("host"), self.allowed_origins
+            ):
+                raise Rejected("forbidden", "this Origin may not make this request")
+            match parts:
+                case ["api", "messages"]:
+                    _allow(method, "POST")
+                    identity = await self.authenticator.authenticate(request)
+                    body = await read_json(receive, _PostMessage, self.max_body_size)
+                    await self._known(body.recipient_id)
+                    message, created = await self.hub.send_message(
+                        identity.user_id, body.recipient_id, body.content, body.client_id
+                    )
+                    await respond_json(send, 201 if created else 200, encode(message))
+                case ["api", "messages", peer]:
+                    _allow(method, "GET")
+                    await self._history(scope, send, request, _user_id(peer))
+                case ["api", "messages", peer, "read"]:
+                    _allow(method, "POST")
+                    identity = await self.authenticator.authenticate(request)
+                    peer_id = _user_id(peer)
+                    read = await read_json(receive, _PostRead, self.max_body_size)
+                    await self._known(peer_id)
+                    updated = await self.hub.mark_read(identity.user_id, peer_id, read.up_to_id)
+                    await respond_json(send, 200, encode({"updated": updated}))
+                case ["api", "conversations"]:
+                    _allow(method, "GET")
+                    identity = await self.authenticator.authenticate(request)
+                    rows = await self.hub.conversations(identity.user_id)
+                    await respond_json(send, 200, encode(rows))
+                case _:
+                    raise Rejected("not_found", f"no route for {path}")
+        except Rejected as exc:
+            self.hub.metrics.error(exc.code)
+            headers = list(JSON)
+            if exc.retry_after is not None:
+                headers.append((b"retry-after", str(math.ceil(exc.retry_after)).encode()))
+            if exc.status == 405:
+                headers.append((b"allow", exc.message.rsplit(" ", 1)[-1].encode()))
+            await respond_json(send, exc.status, _error_body(exc.code, exc.message), headers)
+
+    async def _known(self, user_id: int) -> None:
+        if not await self.hub.policy.exists(user_id):
+            raise Rejected("not_found", f"there is no user {user_id}")
+
+    async def _history(self, scope: Scope, send: Send, request: Request, peer_id: int) -> None:
+        identity: Identity = await self.authenticator.authenticate(request)
+        query = _query(scope)
+        before_id = _int_param(query, "before_id")
+        limit = _int_param(query, "limit")
+        await self._known(peer_id)
+        messages, has_more = await self.hub.history(
+            identity.user_id, peer_id, before_id=before_id, limit=50 if limit is None else limit
+        )
+        await respond_json(send, 200, encode({"messages": messages, "has_more": has_more}))
+
+    async def _healthz(self, send: Send) -> None:
+        try:
+            details = await self.hub.health()
+        except BackendError as exc:
+            body = {"status": "unavailable", "error": str(exc)}
+            await respond_json(send, 503, encode(body))
+            return
+        await respond_json(send, 200, encode({"status": "ok", **details}))
+
+    async def _metrics(self, send: Send) -> None:
+        render = getattr(self.hub.metrics, "render", None)
+        if render is None:
+            raise Rejected(
+                "not_found", "metrics are off: give the Hub PrometheusMetrics()", status=404
+            )
+        body, content_type = render()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", content_type.encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+# -- helpers -----------------------------------------------------------------------------
+
+
+def route_path(scope: Scope) -> str:
+    """The path below the mount point (``root_path``), as Starlette routes it."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
+        return path[len(root) :] or "/"
+    return path
+
+
+def _request(scope: Scope) -> Request:
+    headers = {
+        name.decode("latin-1").lower(): value.decode("latin-1")
+        for name, value in scope.get("headers", ())
+    }
+    client = scope.get("client")
+    return Request(route_path(scope), headers, tuple(client) if client else None)
+
+
+def _query(scope: Scope) -> dict[str, str]:
+    from urllib.parse import parse_qsl
+
+    return dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+
+
+def _int_param(query: dict[str, str], name: str) -> int | None:
+    if name not in query:
+        return None
+    try:
+        return int(query[name])
+    except ValueError:
+        raise Rejected("invalid_frame", f"query parameter {name} must be an integer") from None
+
+
+def _user_id(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise Rejected("not_found", f"{text!r} is not a user id") from None
+
+
+def _allow(method: str, allowed: str) -> None:
+    if method != allowed and not (allowed == "GET" and method == "HEAD"):
+        raise Rejected("method_not_allowed", f"use {allowed}", status=405)
+
+
+def _error_body(code: str, message: str) -> bytes:
+    return encode({"error": {"code": code, "message": message}})
+
+
+async def respond_json(
+    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    """Send a complete JSON response (``body`` is already encoded)."""
+    await send({"type": "http.response.start", "status": status, "headers": headers or JSON})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def read_json(receive: Receive, schema: type[S], limit: int) -> S:
+    """Read a request body of at most ``limit`` bytes and decode it into ``schema``.
+
+    Raises ``Rejected``: ``too_large`` (413) over the limit, ``invalid_frame``
+    (400) for anything that does not match the schema.
+    """
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise Rejected("invalid_frame", "the client went away mid-request")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise Rejected("too_large", f"the body is over {limit} bytes", status=413)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    try:
+        return msgspec.json.decode(b"".join(chunks), type=schema)
+    except msgspec.DecodeError as exc:
+        raise Rejected("invalid_frame", f"invalid JSON body: {exc}") from None
+
+
+async def _refuse(scope: Scope, send: Send, status: int, code: str, message: str) -> None:
+    """Refuse a handshake: an HTTP answer where the server can send one, else close."""
+    if "websocket.http.response" in scope.get("extensions", {}):
+        await send({"type": "websocket.http.response.start", "status": status, "headers": JSON})
+        await send({"type": "websocket.http.response.body", "body": _error_body(code, message)})
+    else:
+        await send({"type": "websocket.close", "code": CLOSE_POLICY_VIOLATION, "reason": message})
+
+
+async def serve(app: ASGIApp, hub: Hub, *, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Serve ``app`` (which runs ``hub``) with uvicorn, configured as pmhub expects.
+
+    Pings follow ``hub.limits``; on shutdown every connection is closed with
+    1001 before the server stops. Needs ``pip install 'pmhub[examples]'``.
+    """
+    try:
+        import uvicorn
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise ImportError("serve() needs uvicorn: pip install 'pmhub[examples]'") from None
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            await hub.close_all()
+            await super().shutdown(sockets=sockets)
+
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        ws_ping_interval=hub.limits.ping_interval,
+        ws_ping_timeout=hub.limits.ping_timeout,
+        ws_max_size=hub.limits.max_frame_size * 4 + 1024,  # pmhub closes with 1009 first
+        log_level="info",
+    )
+    await Server(config).serve()

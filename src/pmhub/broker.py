@@ -1,0 +1,125 @@
+"""The cross-node extension point: how hubs on several processes share events.
+
+A hub publishes every fan-out as an :data:`Event` to its broker; the broker
+hands every event (its own included) to every hub's ``deliver`` callback, and
+each hub pushes it to the connections it holds. The broker also counts each
+user's connections across nodes, so presence changes only on a user's first
+open and last close anywhere.
+
+:class:`InProcessBroker` serves a single process. Any broker can check itself
+with :func:`pmhub.testing.check_broker`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+import anyio
+import msgspec
+from anyio.abc import TaskStatus
+
+__all__ = ["Broker", "Deliver", "Event", "InProcessBroker", "Presence", "Revoke"]
+
+
+class Deliver(msgspec.Struct, tag="deliver", frozen=True):
+    """Push ``frame`` (encoded JSON) to every connection of ``user_ids``,
+    except the connection ``exclude``."""
+
+    user_ids: list[int]
+    frame: bytes
+    message_id: int | None = None
+    exclude: str | None = None
+
+
+class Presence(msgspec.Struct, tag="presence", frozen=True):
+    """``user_id`` came online or went offline: tell their contacts ``frame``."""
+
+    user_id: int
+    frame: bytes
+
+
+class Revoke(msgspec.Struct, tag="revoke", frozen=True):
+    """Close every connection authenticated by session ``session_id``."""
+
+    session_id: str
+
+
+Event = Deliver | Presence | Revoke
+Deliverer = Callable[[Event], Awaitable[None]]
+
+
+class Broker(Protocol):
+    """Carries events between hubs and counts connections per user."""
+
+    async def run(
+        self, deliver: Deliverer, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Hand every published event to ``deliver`` until cancelled.
+
+        Call ``task_status.started()`` once subscribed; raise if the link is
+        lost for good (the hub then stops rather than serve without fan-out).
+        """
+        ...
+
+    async def publish(self, event: Event) -> None:
+        """Send ``event`` to every running hub, this one included."""
+        ...
+
+    async def join(self, user_id: int) -> bool:
+        """Count a new connection of ``user_id``; True if it is their first anywhere."""
+        ...
+
+    async def leave(self, user_id: int) -> bool:
+        """Count a closed connection of ``user_id``; True if it was their last anywhere."""
+        ...
+
+    async def online(self) -> set[int]:
+        """Every user with at least one open connection anywhere."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise if the broker cannot carry events (for health checks)."""
+        ...
+
+
+class InProcessBroker:
+    """The broker of a single process: events go straight to its hubs."""
+
+    def __init__(self) -> None:
+        self._deliverers: list[Deliverer] = []
+        self._connections: Counter[int] = Counter()
+
+    async def run(
+        self, deliver: Deliverer, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        self._deliverers.append(deliver)
+        try:
+            task_status.started()
+            await anyio.sleep_forever()
+        finally:
+            self._deliverers.remove(deliver)
+
+    async def publish(self, event: Event) -> None:
+        for deliver in tuple(self._deliverers):
+            await deliver(event)
+
+    async def join(self, user_id: int) -> bool:
+        self._connections[user_id] += 1
+        return self._connections[user_id] == 1
+
+    async def leave(self, user_id: int) -> bool:
+        if self._connections[user_id] <= 0:
+            raise RuntimeError(f"leave({user_id}) without a matching join()")
+        self._connections[user_id] -= 1
+        if self._connections[user_id] == 0:
+            del self._connections[user_id]
+            return True
+        return False
+
+    async def online(self) -> set[int]:
+        return set(self._connections)
+
+    async def ping(self) -> None:
+        return None

@@ -1,0 +1,68 @@
+"""Exceptions raised by pmhub.
+
+Errors are split by whose fault they are::
+
+    PmhubError
+    ├── Rejected                the peer sent something pmhub will not do;
+    │   │                       becomes an ``error`` frame or an HTTP 4xx
+    │   └── Unauthenticated     no or bad credentials (HTTP 401, refused handshake)
+    └── BackendError            a store or broker failed; nothing confirmed is lost
+                                (close 1011, HTTP 503)
+
+Local misuse of the API (a bad argument, a hub used before it started) raises
+``ValueError`` or ``RuntimeError`` at once, with a message naming the fix.
+"""
+
+from __future__ import annotations
+
+__all__ = ["BackendError", "PmhubError", "Rejected", "Unauthenticated"]
+
+#: HTTP status for each error code of the wire protocol.
+STATUS_BY_CODE: dict[str, int] = {
+    "invalid_frame": 400,
+    "too_long": 400,
+    "unauthenticated": 401,
+    "forbidden": 403,
+    "not_found": 404,
+    "too_large": 413,
+    "rate_limited": 429,
+}
+
+
+class PmhubError(Exception):
+    """Root of every exception pmhub raises on purpose."""
+
+
+class Rejected(PmhubError):
+    """A request from the peer was refused with a protocol error code.
+
+    ``code`` is one of the wire protocol's error codes; ``retry_after`` is set
+    (in seconds) for ``rate_limited``.
+    """
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        status: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after
+        self.status = status if status is not None else STATUS_BY_CODE.get(code, 400)
+
+
+class Unauthenticated(Rejected):
+    """The request carries no valid credentials (or a revoked session: status 403)."""
+
+    def __init__(self, message: str, *, status: int = 401) -> None:
+        super().__init__(
+            "unauthenticated" if status == 401 else "forbidden", message, status=status
+        )
+
+
+class BackendError(PmhubError):
+    """A store or broker call failed; the operation was not confirmed."""

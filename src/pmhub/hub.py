@@ -1,0 +1,475 @@
+"""The hub: every connected device, and what happens to what they send.
+
+The hub owns the registry user → :class:`~pmhub.client.Client` of this
+process, and carries out the protocol: checks (policy, content, rates),
+persistence, fan-out through the broker, presence, typing expiry, read
+receipts and ``sync`` replay. It does no network I/O: adapters feed it frames
+with :meth:`Hub.receive` and send what each client's queue yields.
+
+Rules it keeps:
+
+* Persist first, fan out second: a message is published only once stored.
+* Stores and publishes are serialized, so each connection sees live messages
+  in id order.
+* Fan-out never awaits a connection: a frame is queued or the connection is
+  closed (1013). Background work runs in the hub's task group.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from types import TracebackType
+from typing import TypeVar
+
+import anyio
+import anyio.abc
+
+from .auth import Identity
+from .broker import Broker, Deliver, Event, InProcessBroker, Presence, Revoke
+from .client import Client
+from .errors import BackendError, Rejected
+from .frames import (
+    Conversation,
+    Error,
+    MarkRead,
+    Message,
+    MessagesRead,
+    Outgoing,
+    PrivateMessage,
+    SendMessage,
+    ServerFrame,
+    SetTyping,
+    Sync,
+    SyncComplete,
+    System,
+    TypingIndicator,
+    UserOnlineStatus,
+    encode,
+)
+from .limits import Limits, TokenBucket, TypingTimers
+from .metrics import Metrics, NullMetrics
+from .policy import PermissionPolicy
+from .protocol import CLOSE_GOING_AWAY, CLOSE_INTERNAL_ERROR, CLOSE_POLICY_VIOLATION, Close, Reply
+from .store import Draft, MessageStore
+
+__all__ = ["Hub"]
+
+logger = logging.getLogger("pmhub")
+T = TypeVar("T")
+
+
+class Hub:
+    """Connects users' devices and carries messages between them.
+
+    Use it as an async context manager (or through an adapter's lifespan)::
+
+        async with Hub(SQLiteStore("chat.db"), StaticPolicy({1, 2})) as hub:
+            ...
+
+    ``broker`` defaults to an :class:`~pmhub.broker.InProcessBroker` (one
+    process); pass a shared one to fan out across processes.
+    """
+
+    def __init__(
+        self,
+        store: MessageStore,
+        policy: PermissionPolicy,
+        *,
+        broker: Broker | None = None,
+        limits: Limits | None = None,
+        metrics: Metrics | None = None,
+        welcome: str = "Welcome to the chat!",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.policy = policy
+        self.broker: Broker = broker if broker is not None else InProcessBroker()
+        self.limits = limits if limits is not None else Limits()
+        self.metrics: Metrics = metrics if metrics is not None else NullMetrics()
+        self.welcome = welcome
+        self._clock = clock
+        self._clients: dict[int, dict[str, Client]] = {}
+        self._message_buckets: dict[int, TokenBucket] = {}
+        self._typing_buckets: dict[int, TokenBucket] = {}
+        self._typing = TypingTimers(self.limits.typing_timeout)
+        self._typing_changed = anyio.Event()
+        self._order_lock = anyio.Lock()
+        self._presence_lock = anyio.Lock()
+        self._idle = anyio.Event()
+        self._stack: AsyncExitStack | None = None
+        self._running = False
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def __aenter__(self) -> Hub:
+        if self._stack is not None:
+            raise RuntimeError("this Hub is already running: enter it once")
+        async with AsyncExitStack() as stack:
+            tg = await stack.enter_async_context(anyio.create_task_group())
+            stack.push_async_callback(self._shutdown, tg)
+            await tg.start(self._run_broker)
+            tg.start_soon(self._expire_typing)
+            self._stack = stack.pop_all()
+        self._running = True
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        stack, self._stack = self._stack, None
+        if stack is None:
+            return None
+        return await stack.__aexit__(exc_type, exc, tb)
+
+    async def _shutdown(self, tg: anyio.abc.TaskGroup) -> None:
+        await self.close_all()
+        tg.cancel_scope.cancel()
+
+    async def close_all(self, *, grace: float = 2.0) -> None:
+        """Stop taking work, close every connection with 1001 and wait (up to
+        ``grace`` seconds) until their transports let go of them."""
+        self._running = False
+        for clients in list(self._clients.values()):
+            for client in list(clients.values()):
+                client.close(CLOSE_GOING_AWAY, "server shutting down")
+        with anyio.move_on_after(grace):
+            while self._clients:
+                await self._idle.wait()
+
+    async def _run_broker(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        try:
+            await self.broker.run(self._deliver, task_status=task_status)
+        finally:
+            # Without a broker there is no fan-out: refuse work rather than lose it.
+            self._running = False
+
+    @property
+    def running(self) -> bool:
+        """True between start and shutdown while the broker link is up."""
+        return self._running
+
+    def _check_running(self) -> None:
+        if not self._running:
+            raise RuntimeError(
+                "the Hub is not running: use `async with hub:` or the adapter's lifespan"
+            )
+
+    # -- connections -------------------------------------------------------------
+
+    @asynccontextmanager
+    async def connect(self, identity: Identity) -> AsyncIterator[Client]:
+        """Register a device of ``identity`` for as long as the block runs.
+
+        The client gets the welcome, then the presence snapshot; the user's
+        contacts learn they are online if this is their first connection.
+        """
+        self._check_running()
+        client = Client(identity, self.limits)
+        user_id = identity.user_id
+        client.push(Outgoing.of(System(self.welcome)))
+        async with self._presence_lock:
+            first = await self.broker.join(user_id)
+            try:
+                for other in sorted(await self.broker.online()):
+                    if other != user_id and await self.policy.may_converse(user_id, other):
+                        client.push(Outgoing.of(UserOnlineStatus(other, True)))
+                self._clients.setdefault(user_id, {})[client.id] = client
+                self._count_connections()
+                if first:
+                    await self._publish_presence(user_id, True)
+            except BaseException:
+                await self._leave(client)
+                raise
+        try:
+            yield client
+        finally:
+            with anyio.CancelScope(shield=True):
+                async with self._presence_lock:
+                    await self._leave(client)
+
+    async def _leave(self, client: Client) -> None:
+        user_id = client.user_id
+        clients = self._clients.get(user_id, {})
+        clients.pop(client.id, None)
+        if not clients:
+            self._clients.pop(user_id, None)
+            if not self._clients:
+                self._idle.set()
+                self._idle = anyio.Event()
+        self._count_connections()
+        if await self.broker.leave(user_id):
+            for recipient in self._typing.stop_user(user_id):
+                await self._publish_frame([recipient], TypingIndicator(user_id, recipient, False))
+            await self._publish_presence(user_id, False)
+
+    async def _publish_presence(self, user_id: int, online: bool) -> None:
+        await self.broker.publish(Presence(user_id, encode(UserOnlineStatus(user_id, online))))
+
+    def _count_connections(self) -> None:
+        self.metrics.connections(sum(len(c) for c in self._clients.values()))
+        self.metrics.users_online(len(self._clients))
+
+    def clients(self, user_id: int) -> list[Client]:
+        """The connections ``user_id`` has open on this hub."""
+        return list(self._clients.get(user_id, {}).values())
+
+    async def revoke(self, session_id: str) -> None:
+        """Close (1008) every connection that session ``session_id`` opened, on every node."""
+        await self.broker.publish(Revoke(session_id))
+
+    # -- inbound frames ------------------------------------------------------------
+
+    async def receive(self, client: Client, data: str | bytes, *, binary: bool = False) -> None:
+        """Carry out one WebSocket message ``client`` sent.
+
+        Bad input is answered with an ``error`` frame or a close decided by the
+        protocol; an internal failure closes the connection with 1011.
+        """
+        action = client.protocol.receive(data, binary=binary)
+        try:
+            match action:
+                case Close(code=code, reason=reason):
+                    client.close(code, reason)
+                case Reply(frame=frame):
+                    self._reply(client, frame)
+                case SendMessage(recipient_id=recipient, content=content, client_id=client_id):
+                    try:
+                        await self.send_message(
+                            client.user_id, recipient, content, client_id, origin=client
+                        )
+                    except Rejected as exc:
+                        self._reply(client, _error(exc, client_id))
+                case SetTyping(recipient_id=recipient, is_typing=is_typing):
+                    await self.set_typing(client.user_id, recipient, is_typing)
+                case MarkRead(peer_id=peer, up_to_id=up_to):
+                    await self.mark_read(client.user_id, peer, up_to, origin=client)
+                case Sync(after_id=after_id):
+                    await self._sync(client, after_id)
+        except Exception:
+            logger.exception("internal error while handling a frame of %r", client)
+            client.close(CLOSE_INTERNAL_ERROR, "internal error")
+
+    def _reply(self, client: Client, frame: Error) -> None:
+        self.metrics.error(frame.code)
+        self._push(client, Outgoing.of(frame))
+
+    def _push(self, client: Client, frame: Outgoing, *, replay: bool = False) -> None:
+        client.push(frame, replay=replay)
+        if client.close_code == 1013:
+            self.metrics.slow_consumer()
+
+    # -- operations (shared by WebSocket and HTTP) -------------------------------------
+
+    async def send_message(
+        self,
+        sender_id: int,
+        recipient_id: int,
+        content: str,
+        client_id: str | None = None,
+        *,
+        origin: Client | None = None,
+    ) -> tuple[Message, bool]:
+        """Check, store and fan out a message; return it and whether it is new.
+
+        A resend of a stored ``(sender_id, client_id)`` returns the stored
+        message (to ``origin`` only) without storing or fanning out again.
+        Raises :class:`~pmhub.errors.Rejected` (``too_long``, ``forbidden``,
+        ``rate_limited``).
+        """
+        self._check_running()
+        if not content.strip():
+            raise Rejected("too_long", "content is empty: send at least one visible character")
+        if len(content) > self.limits.max_content_length:
+            raise Rejected(
+                "too_long",
+                f"content is {len(content)} characters; "
+                f"the limit is {self.limits.max_content_length}",
+            )
+        if sender_id == recipient_id:
+            raise Rejected("forbidden", "you cannot message yourself")
+        if not await self.policy.may_converse(sender_id, recipient_id):
+            raise Rejected("forbidden", f"you may not message user {recipient_id}")
+        bucket = self._bucket(
+            self._message_buckets, sender_id, self.limits.message_rate, self.limits.message_burst
+        )
+        wait = bucket.take(self._clock())
+        if wait:
+            stored = (
+                await self._timed("find", self.store.find(sender_id, client_id))
+                if client_id is not None
+                else None
+            )
+            if stored is None:
+                raise Rejected(
+                    "rate_limited",
+                    f"too many messages: try again in {wait:.2f} s",
+                    retry_after=math.ceil(wait * 1000) / 1000,
+                )
+            message, created = stored, False
+        else:
+            draft = Draft(sender_id, recipient_id, content, client_id)
+            async with self._order_lock:
+                message, created = await self._timed("save", self.store.save(draft))
+                if created:
+                    self.metrics.message_in()
+                    frame = PrivateMessage(sender_id, recipient_id, message)
+                    await self.broker.publish(
+                        Deliver([sender_id, recipient_id], encode(frame), message.id)
+                    )
+            if not created:
+                bucket.refund()
+        if not created and origin is not None:
+            frame = PrivateMessage(message.sender_id, message.receiver_id, message)
+            self._push(origin, Outgoing.of(frame), replay=True)
+        return message, created
+
+    async def set_typing(self, user_id: int, recipient_id: int, is_typing: bool) -> None:
+        """Relay a typing indicator; forbidden or over-rate ones are dropped silently."""
+        self._check_running()
+        bucket = self._bucket(
+            self._typing_buckets, user_id, self.limits.typing_rate, self.limits.typing_burst
+        )
+        if bucket.take(self._clock()) or not await self.policy.may_converse(user_id, recipient_id):
+            return
+        if is_typing:
+            self._typing.start(user_id, recipient_id, self._clock())
+            self._typing_changed.set()
+        else:
+            self._typing.stop(user_id, recipient_id)
+        await self._publish_frame([recipient_id], TypingIndicator(user_id, recipient_id, is_typing))
+
+    async def mark_read(
+        self, reader_id: int, peer_id: int, up_to_id: int, *, origin: Client | None = None
+    ) -> int:
+        """Mark ``peer_id``'s messages to ``reader_id`` read up to ``up_to_id``.
+
+        Tells the author and the reader's other connections; returns how many
+        messages changed (0 sends nothing).
+        """
+        self._check_running()
+        receipt = await self._timed("mark_read", self.store.mark_read(reader_id, peer_id, up_to_id))
+        if receipt.updated and receipt.up_to_id is not None:
+            await self._publish_frame(
+                [peer_id, reader_id],
+                MessagesRead(reader_id, peer_id, receipt.up_to_id),
+                exclude=origin.id if origin is not None else None,
+            )
+        return receipt.updated
+
+    async def history(
+        self, user_id: int, peer_id: int, *, before_id: int | None = None, limit: int = 50
+    ) -> tuple[list[Message], bool]:
+        """A page of the conversation, oldest first, and whether older messages exist.
+
+        ``limit`` is clamped to 1..``Limits.max_history_page``.
+        """
+        limit = max(1, min(limit, self.limits.max_history_page))
+        page = await self._timed(
+            "history", self.store.history(user_id, peer_id, before_id, limit + 1)
+        )
+        return page[-limit:], len(page) > limit
+
+    async def conversations(self, user_id: int) -> list[Conversation]:
+        """Every conversation of ``user_id``, most recent first."""
+        return await self._timed("conversations", self.store.conversations(user_id))
+
+    async def health(self) -> dict[str, int]:
+        """Raise :class:`~pmhub.errors.BackendError` unless store and broker answer."""
+        if not self._running:
+            raise BackendError("the hub is not running")
+        try:
+            await self.store.ping()
+        except Exception as exc:
+            raise BackendError(f"store: {exc}") from exc
+        try:
+            await self.broker.ping()
+        except Exception as exc:
+            raise BackendError(f"broker: {exc}") from exc
+        return {
+            "connections": sum(len(c) for c in self._clients.values()),
+            "users_online": len(self._clients),
+        }
+
+    async def _sync(self, client: Client, after_id: int) -> None:
+        size = self.limits.sync_page_size
+        page = await self._timed("since", self.store.since(client.user_id, after_id, size + 1))
+        for message in page[:size]:
+            frame = PrivateMessage(message.sender_id, message.receiver_id, message)
+            self._push(client, Outgoing.of(frame), replay=True)
+        last_id = page[min(size, len(page)) - 1].id if page else after_id
+        self._push(client, Outgoing.of(SyncComplete(last_id, len(page) > size)))
+
+    # -- fan-out --------------------------------------------------------------------
+
+    async def _publish_frame(
+        self, user_ids: list[int], frame: ServerFrame, *, exclude: str | None = None
+    ) -> None:
+        await self.broker.publish(Deliver(user_ids, encode(frame), None, exclude))
+
+    async def _deliver(self, event: Event) -> None:
+        """Push a broker event to the connections of this hub it concerns."""
+        match event:
+            case Deliver(user_ids=user_ids, frame=data, message_id=message_id, exclude=exclude):
+                outgoing = Outgoing(data, message_id)
+                count = 0
+                for user_id in dict.fromkeys(user_ids):
+                    for client in self.clients(user_id):
+                        if client.id != exclude:
+                            self._push(client, outgoing)
+                            count += 1
+                self.metrics.frames_out(count)
+            case Presence(user_id=subject, frame=data):
+                outgoing = Outgoing(data)
+                for viewer in list(self._clients):
+                    if viewer != subject and await self.policy.may_converse(viewer, subject):
+                        for client in self.clients(viewer):
+                            self._push(client, outgoing)
+            case Revoke(session_id=session_id):
+                for clients in list(self._clients.values()):
+                    for client in list(clients.values()):
+                        if client.identity.session_id == session_id:
+                            client.close(CLOSE_POLICY_VIOLATION, "session logged out")
+
+    async def _expire_typing(self) -> None:
+        while True:
+            deadline = self._typing.next_deadline()
+            delay = math.inf if deadline is None else max(0.0, deadline - self._clock())
+            with anyio.move_on_after(delay):
+                await self._typing_changed.wait()
+            self._typing_changed = anyio.Event()
+            for user_id, recipient in self._typing.expire(self._clock()):
+                await self._publish_frame([recipient], TypingIndicator(user_id, recipient, False))
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def _bucket(
+        self, buckets: dict[int, TokenBucket], user_id: int, rate: float, burst: int
+    ) -> TokenBucket:
+        bucket = buckets.get(user_id)
+        if bucket is None:
+            now = self._clock()
+            if len(buckets) > 10_000:  # forget users whose bucket refilled
+                for key in [k for k, b in buckets.items() if b.full(now)]:
+                    del buckets[key]
+            bucket = buckets[user_id] = TokenBucket(rate, burst, now)
+        return bucket
+
+    async def _timed(self, operation: str, call: Awaitable[T]) -> T:
+        start = time.perf_counter()
+        try:
+            return await call
+        finally:
+            self.metrics.store_latency(operation, time.perf_counter() - start)
+
+
+def _error(exc: Rejected, client_id: str | None) -> Error:
+    return Error(exc.code, exc.message, client_id, exc.retry_after)

@@ -1,0 +1,123 @@
+"""Limits and the token bucket that enforces rates. Pure code: time is passed in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Limits", "TokenBucket", "TypingTimers"]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Every tunable limit of a hub, with the wire protocol's defaults."""
+
+    #: Longest message content, in characters (after trimming it must be non-empty).
+    max_content_length: int = 4000
+    #: Largest inbound frame in bytes; a larger one closes the connection with 1009.
+    max_frame_size: int = 64 * 1024
+    #: Private messages per second per user, and the burst allowed above it.
+    message_rate: float = 10.0
+    message_burst: int = 20
+    #: Typing indicators per second per user (and burst).
+    typing_rate: float = 5.0
+    typing_burst: int = 5
+    #: Seconds after which a typing indicator not refreshed is turned off.
+    typing_timeout: float = 3.0
+    #: Consecutive ``invalid_frame`` errors that close a connection with 1008.
+    max_invalid_frames: int = 50
+    #: Frames a connection may have waiting to be sent; overflow closes it with 1013.
+    max_queue: int = 1024
+    #: Messages per ``sync`` page.
+    sync_page_size: int = 500
+    #: Largest ``limit`` of a history page (larger ones are clamped).
+    max_history_page: int = 200
+    #: Seconds between pings, and how long a ping may go unanswered.
+    ping_interval: float = 20.0
+    ping_timeout: float = 20.0
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if value <= 0:
+                raise ValueError(f"Limits.{name} must be positive, got {value!r}")
+        if self.max_queue < self.sync_page_size + 2:
+            raise ValueError(
+                "Limits.max_queue must hold a whole sync page plus its sync_complete: "
+                f"raise it above sync_page_size + 1 ({self.sync_page_size + 1})"
+            )
+
+
+class TokenBucket:
+    """Allows ``rate`` events per second with bursts of up to ``burst``."""
+
+    __slots__ = ("burst", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.stamp = now
+
+    def _refill(self, now: float) -> None:
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def take(self, now: float) -> float:
+        """Take one token: 0.0 when allowed, else the seconds to wait for one."""
+        self._refill(now)
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return 0.0
+        return (1.0 - self.tokens) / self.rate
+
+    def refund(self) -> None:
+        """Give back a token taken for something that turned out not to count."""
+        self.tokens = min(self.burst, self.tokens + 1.0)
+
+    def full(self, now: float) -> bool:
+        """True when the bucket has refilled completely (it can be forgotten)."""
+        self._refill(now)
+        return self.tokens >= self.burst
+
+
+class TypingTimers:
+    """Deadlines after which a typing indicator is turned off by the server.
+
+    Every timer runs for the same ``timeout``, so keeping the dict in
+    insertion order (a refresh moves a key to the end) keeps it in deadline
+    order: the first entry always expires first.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._deadlines: dict[tuple[int, int], float] = {}
+
+    def start(self, user_id: int, recipient_id: int, now: float) -> None:
+        """``user_id`` is typing to ``recipient_id``: (re)start its timer."""
+        self._deadlines.pop((user_id, recipient_id), None)
+        self._deadlines[(user_id, recipient_id)] = now + self.timeout
+
+    def stop(self, user_id: int, recipient_id: int) -> bool:
+        """Cancel a timer; True if one was running."""
+        return self._deadlines.pop((user_id, recipient_id), None) is not None
+
+    def stop_user(self, user_id: int) -> list[int]:
+        """Cancel every timer of ``user_id``; return the recipients they had."""
+        pairs = [pair for pair in self._deadlines if pair[0] == user_id]
+        for pair in pairs:
+            del self._deadlines[pair]
+        return [recipient for _, recipient in pairs]
+
+    def next_deadline(self) -> float | None:
+        """When the first timer expires, or None when none runs."""
+        return next(iter(self._deadlines.values()), None)
+
+    def expire(self, now: float) -> list[tuple[int, int]]:
+        """Remove and return the ``(user_id, recipient_id)`` pairs whose time is up."""
+        expired = []
+        for pair, deadline in self._deadlines.items():
+            if deadline > now:
+                break
+            expired.append(pair)
+        for pair in expired:
+            del self._deadlines[pair]
+        return expired

@@ -1,0 +1,82 @@
+"""Per-connection protocol rules, without I/O: frames in, decisions out.
+
+:class:`ConnectionProtocol` turns each inbound WebSocket message into a client
+frame to execute, an ``error`` frame to send back, or a close. It knows nothing
+of sockets, stores or other connections, so tests drive it directly; the hub
+executes what it decides and adapters only move bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import Rejected
+from .frames import ClientFrame, Error, decode_client_frame
+from .limits import Limits
+
+__all__ = [
+    "CLOSE_GOING_AWAY",
+    "CLOSE_INTERNAL_ERROR",
+    "CLOSE_POLICY_VIOLATION",
+    "CLOSE_TOO_LARGE",
+    "CLOSE_TRY_AGAIN_LATER",
+    "Close",
+    "ConnectionProtocol",
+    "Reply",
+]
+
+CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY_VIOLATION = 1008
+CLOSE_TOO_LARGE = 1009
+CLOSE_INTERNAL_ERROR = 1011
+CLOSE_TRY_AGAIN_LATER = 1013
+
+
+@dataclass(frozen=True)
+class Reply:
+    """Send this ``error`` frame back; the connection stays open."""
+
+    frame: Error
+
+
+@dataclass(frozen=True)
+class Close:
+    """Close the connection with this WebSocket close code."""
+
+    code: int
+    reason: str
+
+
+class ConnectionProtocol:
+    """Decides what one inbound WebSocket message means for its connection."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        #: ``invalid_frame`` errors in a row; any valid frame resets it.
+        self.invalid_in_a_row = 0
+
+    def receive(self, data: str | bytes, *, binary: bool = False) -> ClientFrame | Reply | Close:
+        """Return the frame to execute, an error to send back, or a close."""
+        if _over(data, self.limits.max_frame_size):
+            return Close(CLOSE_TOO_LARGE, f"frame over {self.limits.max_frame_size} bytes")
+        if binary:
+            return self._invalid("binary frames are not accepted: send JSON as a text frame")
+        try:
+            frame = decode_client_frame(data)
+        except Rejected as exc:
+            return self._invalid(exc.message)
+        self.invalid_in_a_row = 0
+        return frame
+
+    def _invalid(self, message: str) -> Reply | Close:
+        self.invalid_in_a_row += 1
+        if self.invalid_in_a_row >= self.limits.max_invalid_frames:
+            return Close(CLOSE_POLICY_VIOLATION, "too many invalid frames in a row")
+        return Reply(Error("invalid_frame", message))
+
+
+def _over(data: str | bytes, limit: int) -> bool:
+    if isinstance(data, bytes) or len(data) > limit:
+        return len(data) > limit
+    # A character is at most 4 bytes: encode only when the size could matter.
+    return len(data) * 4 > limit and len(data.encode("utf-8", "surrogatepass")) > limit
