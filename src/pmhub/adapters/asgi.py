@@ -152,15 +152,18 @@ class PmhubApp:
         async with self.hub.connect(identity) as client, anyio.create_task_group() as tg:
 
             async def write() -> None:
-                while (frame := await client.next_frame()) is not None:
-                    await send({"type": "websocket.send", "text": frame.text})
-                await send(
-                    {
-                        "type": "websocket.close",
-                        "code": client.close_code,
-                        "reason": client.close_reason,
-                    }
-                )
+                try:
+                    while (frame := await client.next_frame()) is not None:
+                        await send({"type": "websocket.send", "text": frame.text})
+                    await send(
+                        {
+                            "type": "websocket.close",
+                            "code": client.close_code,
+                            "reason": client.close_reason,
+                        }
+                    )
+                except OSError:  # the peer went away; the reader sees the disconnect
+                    pass
                 tg.cancel_scope.cancel()
 
             tg.start_soon(write)
