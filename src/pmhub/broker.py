@@ -20,7 +20,7 @@ import anyio
 import msgspec
 from anyio.abc import TaskStatus
 
-__all__ = ["Broker", "Deliver", "Event", "InProcessBroker", "Presence", "Revoke"]
+__all__ = ["Broker", "Deliver", "Deliverer", "Event", "InProcessBroker", "Presence", "Revoke"]
 
 
 class Deliver(msgspec.Struct, tag="deliver", frozen=True):

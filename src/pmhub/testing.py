@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import anyio
 
-from .broker import Broker, Deliver, Event, Presence, Revoke
+from .broker import Broker, Deliver, Deliverer, Event, Presence, Revoke
 from .store import Draft, MessageStore
 
 __all__ = ["check_broker", "check_store"]
@@ -93,7 +93,7 @@ async def check_broker(first: Broker, second: Broker) -> None:
     got: list[list[Event]] = [[], []]
     arrived = anyio.Event()
 
-    def collector(index: int):  # type: ignore[no-untyped-def]
+    def collector(index: int) -> Deliverer:
         async def deliver(event: Event) -> None:
             got[index].append(event)
             if all(len(events) >= 3 for events in got):
