@@ -311,7 +311,7 @@ class Hub:
             if stored is None:
                 raise Rejected(
                     "rate_limited",
-                    f"too many messages: try again in {wait:.2f} s",
+                    f"too many messages: try again in {max(wait, 0.01):.2f} s",
                     retry_after=math.ceil(wait * 1000) / 1000,
                 )
             message, created = stored, False
