@@ -62,8 +62,10 @@ def build_app(
     async def login(receive: Receive, send: Send) -> None:
         body = await read_json(receive, Login, 4096)
         user_id = USERS.get(body.username)
-        # Compare even for unknown names so timing does not reveal who exists.
-        if not hmac.compare_digest(body.password, body.username) or user_id is None:
+        password, username = body.password.encode(), body.username.encode()
+        # Compare even for unknown names so timing does not reveal who exists (as
+        # bytes: compare_digest raises TypeError on str with non-ASCII characters).
+        if not hmac.compare_digest(password, username) or user_id is None:
             raise Unauthenticated("wrong username or password")
         cookie = (
             f"session={auth.issue(user_id)}; Path=/; HttpOnly; SameSite=Lax;"

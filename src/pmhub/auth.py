@@ -16,7 +16,6 @@ import secrets
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from http.cookies import CookieError, SimpleCookie
 from typing import Protocol
 
 import msgspec
@@ -53,12 +52,17 @@ class Request:
 
     @property
     def cookies(self) -> dict[str, str]:
-        cookie = SimpleCookie()
-        try:
-            cookie.load(self.headers.get("cookie", ""))
-        except CookieError:
-            return {}
-        return {name: morsel.value for name, morsel in cookie.items()}
+        # Parsed leniently, as browsers send them: one malformed cookie of another
+        # app on the same host must not hide the others (``SimpleCookie`` drops all).
+        cookies: dict[str, str] = {}
+        for pair in self.headers.get("cookie", "").split(";"):
+            name, sep, value = pair.partition("=")
+            name, value = name.strip(), value.strip()
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
+            if sep and name:
+                cookies.setdefault(name, value)  # the first one is the most specific
+        return cookies
 
 
 class Authenticator(Protocol):
@@ -75,15 +79,23 @@ def origin_allowed(origin: str | None, host: str | None, allowed: Collection[str
     """Cross-site WebSocket hijacking guard for a browser ``Origin`` header.
 
     No ``Origin`` (a non-browser client) is allowed; ``null`` is refused; else
-    the origin's ``host[:port]`` must equal ``Host`` or be in ``allowed``.
+    the origin's ``host[:port]`` must equal ``Host`` or be in ``allowed``
+    (whose entries may be full origins or bare ``host[:port]``).
     """
     if origin is None:
         return True
     origin = origin.strip()
     if origin == "null" or "://" not in origin:
         return False
-    authority = origin.split("://", 1)[1].rstrip("/").lower()
-    return authority == (host or "").lower() or authority in {a.lower() for a in allowed}
+    authority = _authority(origin)
+    if not authority:
+        return False
+    return authority == (host or "").lower() or authority in {_authority(a) for a in allowed}
+
+
+def _authority(origin: str) -> str:
+    # "https://Example.com:8443/" -> "example.com:8443"; a bare host[:port] stays as is.
+    return origin.split("://", 1)[-1].rstrip("/").lower()
 
 
 class _Token(msgspec.Struct, frozen=True, array_like=True):
@@ -136,7 +148,8 @@ class SessionAuthenticator:
     def verify(self, value: str) -> Identity:
         """The identity a cookie value carries, or raise ``Unauthenticated``."""
         payload, _, signature = value.partition(".")
-        if not hmac.compare_digest(signature, self._sign(payload)):
+        # Compared as bytes: compare_digest refuses str with non-ASCII characters.
+        if not hmac.compare_digest(_utf8(signature), _utf8(self._sign(payload))):
             raise Unauthenticated("the session cookie is invalid: log in again")
         try:
             token = self._decoder.decode(_unb64(payload))
@@ -167,4 +180,9 @@ class SessionAuthenticator:
         return self.verify(value)
 
     def _sign(self, payload: str) -> str:
-        return _b64(hmac.new(self._key, payload.encode(), hashlib.sha256).digest())
+        return _b64(hmac.new(self._key, _utf8(payload), hashlib.sha256).digest())
+
+
+def _utf8(text: str) -> bytes:
+    # A server may decode undecodable header bytes to lone surrogates.
+    return text.encode("utf-8", "surrogatepass")

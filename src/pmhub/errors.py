@@ -24,8 +24,10 @@ STATUS_BY_CODE: dict[str, int] = {
     "unauthenticated": 401,
     "forbidden": 403,
     "not_found": 404,
+    "method_not_allowed": 405,
     "too_large": 413,
     "rate_limited": 429,
+    "unavailable": 503,
 }
 
 

@@ -175,7 +175,9 @@ ServerFrame = (
 _client_decoder: Final = msgspec.json.Decoder(ClientFrame)
 _server_decoder: Final = msgspec.json.Decoder(ServerFrame)
 _encoder: Final = msgspec.json.Encoder()
-_strings: Final = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+# An unterminated string runs to the end, so a match never fails once started:
+# a failed match retried from every later quote would make this quadratic.
+_strings: Final = re.compile(rb'"(?:[^"\\]|\\.)*(?:"|\\?\Z)', re.DOTALL)
 _brackets: Final = re.compile(rb"[\[\]{}]")
 
 

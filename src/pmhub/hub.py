@@ -71,7 +71,8 @@ class Hub:
             ...
 
     ``broker`` defaults to an :class:`~pmhub.broker.InProcessBroker` (one
-    process); pass a shared one to fan out across processes.
+    process); pass a shared one to fan out across processes. The hub owns the
+    store: it closes it when it stops.
     """
 
     def __init__(
@@ -130,6 +131,7 @@ class Hub:
 
     async def _shutdown(self, tg: anyio.abc.TaskGroup) -> None:
         await self.close_all()
+        await self.store.aclose()
         tg.cancel_scope.cancel()
 
     async def close_all(self, *, grace: float = 2.0) -> None:
@@ -232,8 +234,11 @@ class Hub:
         """Carry out one WebSocket message ``client`` sent.
 
         Bad input is answered with an ``error`` frame or a close decided by the
-        protocol; an internal failure closes the connection with 1011.
+        protocol; an internal failure closes the connection with 1011. Frames
+        from a connection the hub is closing (logged out, too slow) are ignored.
         """
+        if client.closing:
+            return
         action = client.protocol.receive(data, binary=binary)
         try:
             match action:

@@ -23,7 +23,7 @@ import msgspec
 
 from ..auth import Authenticator, Identity, Request, origin_allowed
 from ..errors import BackendError, Rejected
-from ..frames import encode
+from ..frames import ClientId, Id, encode
 from ..hub import Hub
 from ..protocol import CLOSE_INTERNAL_ERROR, CLOSE_POLICY_VIOLATION
 
@@ -52,13 +52,13 @@ JSON = [(b"content-type", b"application/json")]
 
 
 class _PostMessage(msgspec.Struct, frozen=True):
-    recipient_id: int
+    recipient_id: Id
     content: str
-    client_id: str | None = None
+    client_id: ClientId | None = None
 
 
 class _PostRead(msgspec.Struct, frozen=True):
-    up_to_id: int
+    up_to_id: Id
 
 
 class PmhubApp:
@@ -66,8 +66,8 @@ class PmhubApp:
 
     * ``websocket_path`` (default ``/ws``) upgrades to the chat protocol.
     * ``/api/...``, ``/healthz`` and ``/metrics`` serve the HTTP API.
-    * ``allowed_origins`` lists extra browser origins (``host[:port]``) allowed
-      besides the request's own host.
+    * ``allowed_origins`` lists extra browser origins allowed besides the
+      request's own host (``"https://app.example.com"`` or ``"app.example.com"``).
 
     Run standalone, it starts the hub on the server's lifespan; mounted in
     another app, pass :meth:`lifespan` to that app (see docs/embedding.md).
@@ -117,15 +117,16 @@ class PmhubApp:
         message = await receive()
         if message["type"] != "lifespan.startup":
             return
+        started = False
         try:
             async with self.lifespan():
                 await send({"type": "lifespan.startup.complete"})
-                message = await receive()  # lifespan.shutdown
+                started = True
+                await receive()  # lifespan.shutdown
         except BaseException as exc:
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.failed", "message": repr(exc)})
-            else:
-                await send({"type": "lifespan.shutdown.failed", "message": repr(exc)})
+            failed = "lifespan.shutdown.failed" if started else "lifespan.startup.failed"
+            with anyio.CancelScope(shield=True):
+                await send({"type": failed, "message": repr(exc)})
             raise
         await send({"type": "lifespan.shutdown.complete"})
 

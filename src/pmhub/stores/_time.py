@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
+__all__ = ["now"]
+
 
 def now() -> datetime:
     """The current UTC time, truncated to milliseconds."""
