@@ -49,6 +49,9 @@ class Request:
     path: str
     headers: Mapping[str, str] = field(default_factory=dict)
     client: tuple[str, int] | None = None
+    #: Query parameters (the first value of each), e.g. a token a browser
+    #: cannot send as a header on a WebSocket handshake.
+    query: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def cookies(self) -> dict[str, str]:

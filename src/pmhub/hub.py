@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -53,8 +54,18 @@ from .frames import (
 from .limits import Limits, TokenBucket, TypingTimers
 from .metrics import Metrics, NullMetrics
 from .policy import PermissionPolicy
-from .protocol import CLOSE_GOING_AWAY, CLOSE_INTERNAL_ERROR, CLOSE_POLICY_VIOLATION, Close, Reply
+from .protocol import (
+    CLOSE_GOING_AWAY,
+    CLOSE_INTERNAL_ERROR,
+    CLOSE_POLICY_VIOLATION,
+    CLOSE_TRY_AGAIN_LATER,
+    Close,
+    Reply,
+)
 from .store import Draft, MessageStore
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 
 __all__ = ["Hub"]
 
@@ -127,7 +138,12 @@ class Hub:
         stack, self._stack = self._stack, None
         if stack is None:
             return None
-        return await stack.__aexit__(exc_type, exc, tb)
+        try:
+            return await stack.__aexit__(exc_type, exc, tb)
+        except BaseExceptionGroup as group:
+            if exc is not None and group.exceptions == (exc,):
+                return None  # the caller's own exception, re-raised as it was
+            raise
 
     async def _shutdown(self, tg: anyio.abc.TaskGroup) -> None:
         await self.close_all()
@@ -267,10 +283,13 @@ class Hub:
         self.metrics.error(frame.code)
         self._push(client, Outgoing.of(frame))
 
-    def _push(self, client: Client, frame: Outgoing, *, replay: bool = False) -> None:
-        client.push(frame, replay=replay)
-        if client.close_code == 1013:
-            self.metrics.slow_consumer()
+    def _push(self, client: Client, frame: Outgoing, *, replay: bool = False) -> bool:
+        was_closing = client.closing
+        if client.push(frame, replay=replay):
+            return True
+        if not was_closing and client.close_code == CLOSE_TRY_AGAIN_LATER:
+            self.metrics.slow_consumer()  # this push overflowed the queue
+        return False
 
     # -- operations (shared by WebSocket and HTTP) -------------------------------------
 
@@ -314,10 +333,11 @@ class Hub:
                 else None
             )
             if stored is None:
+                retry_after = math.ceil(wait * 1000) / 1000
                 raise Rejected(
                     "rate_limited",
-                    f"too many messages: try again in {max(wait, 0.01):.2f} s",
-                    retry_after=math.ceil(wait * 1000) / 1000,
+                    f"too many messages: try again in {retry_after:g} s",
+                    retry_after=retry_after,
                 )
             message, created = stored, False
         else:
@@ -428,8 +448,7 @@ class Hub:
                 count = 0
                 for user_id in dict.fromkeys(user_ids):
                     for client in self.clients(user_id):
-                        if client.id != exclude:
-                            self._push(client, outgoing)
+                        if client.id != exclude and self._push(client, outgoing):
                             count += 1
                 self.metrics.frames_out(count)
             case Presence(user_id=subject, frame=data):

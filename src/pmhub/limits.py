@@ -37,7 +37,7 @@ class Limits:
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
-            if value <= 0:
+            if not value > 0:  # also refuses NaN
                 raise ValueError(f"Limits.{name} must be positive, got {value!r}")
         if self.max_queue < self.sync_page_size + 2:
             raise ValueError(

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
+from urllib.parse import parse_qsl
 
 import anyio
 import msgspec
@@ -216,7 +217,7 @@ class PmhubApp:
                     await respond_json(send, 201 if created else 200, encode(message))
                 case ["api", "messages", peer]:
                     _allow(method, "GET")
-                    await self._history(scope, send, request, _user_id(peer))
+                    await self._history(send, request, _user_id(peer))
                 case ["api", "messages", peer, "read"]:
                     _allow(method, "POST")
                     identity = await self.authenticator.authenticate(request)
@@ -245,9 +246,9 @@ class PmhubApp:
         if not await self.hub.policy.exists(user_id):
             raise Rejected("not_found", f"there is no user {user_id}")
 
-    async def _history(self, scope: Scope, send: Send, request: Request, peer_id: int) -> None:
+    async def _history(self, send: Send, request: Request, peer_id: int) -> None:
         identity: Identity = await self.authenticator.authenticate(request)
-        query = _query(scope)
+        query = request.query
         before_id = _int_param(query, "before_id")
         limit = _int_param(query, "limit")
         await self._known(peer_id)
@@ -300,16 +301,15 @@ def _request(scope: Scope) -> Request:
         for name, value in scope.get("headers", ())
     }
     client = scope.get("client")
-    return Request(route_path(scope), headers, tuple(client) if client else None)
+    return Request(route_path(scope), headers, tuple(client) if client else None, _query(scope))
 
 
 def _query(scope: Scope) -> dict[str, str]:
-    from urllib.parse import parse_qsl
+    pairs = parse_qsl(scope.get("query_string", b"").decode("latin-1"))
+    return {name: value for name, value in reversed(pairs)}  # the first value wins
 
-    return dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
 
-
-def _int_param(query: dict[str, str], name: str) -> int | None:
+def _int_param(query: Mapping[str, str], name: str) -> int | None:
     if name not in query:
         return None
     try:

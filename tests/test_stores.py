@@ -1,0 +1,184 @@
+"""Every bundled store and broker passes the conformance checks; SQLite specifics."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import msgspec
+import pytest
+
+from pmhub import Draft, InProcessBroker, MemoryStore, SQLiteStore
+from pmhub.store import MessageStore
+from pmhub.testing import check_broker, check_store
+
+pytestmark = pytest.mark.anyio
+
+
+@asynccontextmanager
+async def sqlite(path: str | Path) -> AsyncIterator[SQLiteStore]:
+    store = SQLiteStore(path)
+    try:
+        yield store
+    finally:
+        await store.aclose()
+
+
+STORES: dict[str, Callable[[Path], MessageStore]] = {
+    "memory": lambda tmp_path: MemoryStore(),
+    "sqlite-file": lambda tmp_path: SQLiteStore(tmp_path / "x.db"),
+    "sqlite-memory": lambda tmp_path: SQLiteStore(":memory:"),
+}
+
+
+@pytest.mark.parametrize("kind", list(STORES))
+async def test_check_store(kind: str, tmp_path: Path) -> None:
+    store = STORES[kind](tmp_path)
+    try:
+        await check_store(store)
+    finally:
+        await store.aclose()
+
+
+async def test_check_broker_in_process() -> None:
+    broker = InProcessBroker()
+    await check_broker(broker, broker)
+
+
+async def test_check_store_names_the_broken_rule() -> None:
+    class ForgetfulStore(MemoryStore):
+        async def find(self, sender_id: int, client_id: str) -> None:
+            return None
+
+    with pytest.raises(AssertionError, match="find\\(\\) returns the stored message"):
+        await check_store(ForgetfulStore())
+
+
+# -- SQLite specifics ------------------------------------------------------------------------
+
+
+async def test_sqlite_data_survives_closing_and_reopening(tmp_path: Path) -> None:
+    path = tmp_path / "chat.db"
+    async with sqlite(path) as store:
+        first, _ = await store.save(Draft(1, 2, "hello", "c-1"))
+        second, _ = await store.save(Draft(2, 1, "hi back"))
+        await store.mark_read(2, 1, first.id)
+    async with sqlite(path) as store:
+        assert await store.since(1, 0, 10) == [msgspec.structs.replace(first, is_read=True), second]
+        again, created = await store.save(Draft(1, 2, "resent", "c-1"))
+        assert not created and again.id == first.id and again.content == "hello"
+        third, created = await store.save(Draft(1, 2, "later"))
+        assert created and third.id > second.id
+
+
+async def test_sqlite_content_is_byte_exact(tmp_path: Path) -> None:
+    contents = [
+        "nul \x00 inside",
+        "\U0001f600\U0001f468\u200d\U0001f469\u200d\U0001f467",
+        "line\u2028separator\u2029paragraph",
+        "<script>alert('x')</script>",
+        'quote " backslash \\ tab \t newline \n cr \r',
+        "\x00",
+        "\ufeffbom",
+    ]
+    path = tmp_path / "exact.db"
+    async with sqlite(path) as store:
+        for content in contents:
+            message, _ = await store.save(Draft(1, 2, content))
+            assert message.content == content
+    async with sqlite(path) as store:
+        assert [m.content for m in await store.since(1, 0, 100)] == contents
+        assert [m.content for m in await store.history(2, 1, None, 100)] == contents
+
+
+async def test_sqlite_created_at_is_utc_milliseconds(tmp_path: Path) -> None:
+    async with sqlite(tmp_path / "t.db") as store:
+        message, _ = await store.save(Draft(1, 2, "x"))
+        [reread] = await store.since(1, 0, 10)
+    assert reread.created_at == message.created_at
+    assert message.created_at.utcoffset() is not None
+    assert message.created_at.utcoffset().total_seconds() == 0  # type: ignore[union-attr]
+    assert message.created_at.microsecond % 1000 == 0
+
+
+@pytest.mark.parametrize("target", ["file", ":memory:"])
+async def test_sqlite_concurrent_saves_get_unique_increasing_ids(
+    target: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "busy.db" if target == "file" else ":memory:"
+    per_task: dict[int, list[int]] = {}
+    async with sqlite(path) as store:
+
+        async def writer(sender: int) -> None:
+            ids = per_task.setdefault(sender, [])
+            for n in range(5):
+                message, created = await store.save(Draft(sender, 1000, f"{sender}-{n}", f"k{n}"))
+                assert created
+                ids.append(message.id)
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                for sender in range(1, 21):
+                    tg.start_soon(writer, sender)
+        everything = await store.since(1000, 0, 1000)
+
+    all_ids = [i for ids in per_task.values() for i in ids]
+    assert len(all_ids) == len(set(all_ids)) == 100
+    for ids in per_task.values():
+        assert ids == sorted(ids)  # each writer's later save got a higher id
+    assert [m.id for m in everything] == sorted(all_ids)
+    for message in everything:  # each id holds the content that was saved under it
+        sender, n = map(int, message.content.split("-"))
+        assert per_task[sender][n] == message.id
+
+
+async def test_sqlite_two_stores_on_one_file_share_the_id_sequence(tmp_path: Path) -> None:
+    """Like two processes sharing the file: ids stay unique and increasing."""
+    path = tmp_path / "shared.db"
+    async with sqlite(path) as first, sqlite(path) as second:
+        ids: list[int] = []
+
+        async def writer(store: SQLiteStore, sender: int) -> None:
+            for n in range(10):
+                message, _ = await store.save(Draft(sender, 3, f"{n}"))
+                ids.append(message.id)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(writer, first, 1)
+            tg.start_soon(writer, second, 2)
+        # Each sees the other's commits.
+        assert [m.id for m in await first.since(3, 0, 100)] == sorted(ids)
+        assert len(set(ids)) == 20
+        again, created = await second.save(Draft(1, 3, "x", "k"))
+        assert created
+        assert await first.find(1, "k") == again
+
+
+async def test_sqlite_file_uses_wal(tmp_path: Path) -> None:
+    path = tmp_path / "wal.db"
+    async with sqlite(path) as store:
+        await store.save(Draft(1, 2, "x"))
+        with sqlite3.connect(path) as conn:
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        conn.close()
+
+
+async def test_sqlite_reads_see_the_latest_write(tmp_path: Path) -> None:
+    async with sqlite(tmp_path / "rw.db") as store:
+        await store.ping()  # opens the reader before anything is written
+        message, _ = await store.save(Draft(1, 2, "fresh"))
+        assert await store.find(1, "nope") is None
+        assert await store.since(2, 0, 10) == [message]
+        await store.mark_read(2, 1, message.id)
+        [row] = await store.conversations(2)
+        assert row.unread_count == 0 and row.last_message.is_read
+
+
+async def test_sqlite_store_can_be_closed_twice_and_unused(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "never.db")
+    await store.aclose()
+    await store.aclose()
+    assert not (tmp_path / "never.db").exists()
