@@ -85,6 +85,14 @@ def build_app(
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         route = (scope["method"], route_path(scope)) if scope["type"] == "http" else None
+        if route is not None and route not in DEMO_ROUTES and route[1] in DEMO_PATHS:
+            allowed = ", ".join(method for method, path in DEMO_ROUTES if path == route[1])
+            body = msgspec.json.encode(
+                {"error": {"code": "method_not_allowed", "message": f"use {allowed}"}}
+            )
+            headers = [(b"content-type", b"application/json"), (b"allow", allowed.encode())]
+            await respond_json(send, 405, body, headers)
+            return
         if route not in DEMO_ROUTES:
             await pmhub_app(scope, receive, send)
             return
@@ -133,6 +141,7 @@ DEMO_ROUTES = {
     ("GET", "/api/me"),
     ("GET", "/api/users"),
 }
+DEMO_PATHS = {path for _, path in DEMO_ROUTES}
 CSP = (
     b"default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'"
 )

@@ -210,12 +210,12 @@ class HubMachine(RuleBasedStateMachine):
 
         sender = device.user
         stored = self.keys.get((sender, client_id)) if client_id is not None else None
-        if not content.strip():
+        if stored is not None:  # first write wins, whatever the resend carries
+            self.expect(device, "replay", stored.frame())
+        elif not content.strip():
             self.expect(device, "other", error("too_long", client_id))
         elif not may_converse(sender, recipient):
             self.expect(device, "other", error("forbidden", client_id))
-        elif stored is not None:
-            self.expect(device, "replay", stored.frame())
         else:
             message = ModelMessage(len(self.messages) + 1, sender, recipient, content, client_id)
             self.messages.append(message)

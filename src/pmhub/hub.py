@@ -310,35 +310,29 @@ class Hub:
         ``rate_limited``).
         """
         self._check_running()
-        if not content.strip():
-            raise Rejected("too_long", "content is empty: send at least one visible character")
-        if len(content) > self.limits.max_content_length:
-            raise Rejected(
-                "too_long",
-                f"content is {len(content)} characters; "
-                f"the limit is {self.limits.max_content_length}",
-            )
-        if sender_id == recipient_id:
-            raise Rejected("forbidden", "you cannot message yourself")
-        if not await self.policy.may_converse(sender_id, recipient_id):
-            raise Rejected("forbidden", f"you may not message user {recipient_id}")
         bucket = self._bucket(
             self._message_buckets, sender_id, self.limits.message_rate, self.limits.message_burst
         )
-        wait = bucket.take(self._clock())
-        if wait:
-            stored = (
-                await self._timed("find", self.store.find(sender_id, client_id))
-                if client_id is not None
-                else None
-            )
-            if stored is None:
+        try:
+            await self._check_message(sender_id, recipient_id, content)
+            wait = bucket.take(self._clock())
+            if wait:
                 retry_after = math.ceil(wait * 1000) / 1000
                 raise Rejected(
                     "rate_limited",
                     f"too many messages: try again in {retry_after:g} s",
                     retry_after=retry_after,
                 )
+        except Rejected:
+            # A resend is answered with what was stored, whatever it carries now:
+            # the first write wins. Only refused sends pay for this look-up.
+            stored = (
+                await self._timed("find", self.store.find(sender_id, client_id))
+                if client_id is not None
+                else None
+            )
+            if stored is None:
+                raise
             message, created = stored, False
         else:
             draft = Draft(sender_id, recipient_id, content, client_id)
@@ -356,6 +350,20 @@ class Hub:
             frame = PrivateMessage(message.sender_id, message.receiver_id, message)
             self._push(origin, Outgoing.of(frame), replay=True)
         return message, created
+
+    async def _check_message(self, sender_id: int, recipient_id: int, content: str) -> None:
+        if not content.strip():
+            raise Rejected("too_long", "content is empty: send at least one visible character")
+        if len(content) > self.limits.max_content_length:
+            raise Rejected(
+                "too_long",
+                f"content is {len(content)} characters; "
+                f"the limit is {self.limits.max_content_length}",
+            )
+        if sender_id == recipient_id:
+            raise Rejected("forbidden", "you cannot message yourself")
+        if not await self.policy.may_converse(sender_id, recipient_id):
+            raise Rejected("forbidden", f"you may not message user {recipient_id}")
 
     async def set_typing(self, user_id: int, recipient_id: int, is_typing: bool) -> None:
         """Relay a typing indicator; forbidden or over-rate ones are dropped silently."""
@@ -491,6 +499,8 @@ class Hub:
         start = time.perf_counter()
         try:
             return await call
+        except Exception as exc:
+            raise BackendError(f"the store failed in {operation}: {exc!r}") from exc
         finally:
             self.metrics.store_latency(operation, time.perf_counter() - start)
 

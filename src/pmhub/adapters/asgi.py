@@ -200,6 +200,8 @@ class PmhubApp:
                 _allow(method, "GET")
                 await self._metrics(send)
                 return
+            if not self.hub.running:
+                raise BackendError("the hub is not running")
             request = _request(scope)
             if method not in ("GET", "HEAD") and not origin_allowed(
                 request.headers.get("origin"), request.headers.get("host"), self.allowed_origins
@@ -233,6 +235,12 @@ class PmhubApp:
                     await respond_json(send, 200, encode(rows))
                 case _:
                     raise Rejected("not_found", f"no route for {path}")
+        except BackendError as exc:
+            # The store is down or the hub stopped: nothing was confirmed; try again later.
+            logger.error("HTTP %s %s failed: %s", method, path, exc)
+            self.hub.metrics.error("unavailable")
+            unavailable = _error_body("unavailable", "the service is unavailable: try again later")
+            await respond_json(send, 503, unavailable)
         except Rejected as exc:
             self.hub.metrics.error(exc.code)
             headers = list(JSON)
@@ -338,7 +346,8 @@ async def respond_json(
     send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
 ) -> None:
     """Send a complete JSON response (``body`` is already encoded)."""
-    await send({"type": "http.response.start", "status": status, "headers": headers or JSON})
+    headers = [*(headers or JSON), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 

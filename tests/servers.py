@@ -1,0 +1,277 @@
+"""Real servers for end-to-end tests, and the small clients that talk to them.
+
+:class:`LiveServer` runs an ASGI application under a real uvicorn server on
+``127.0.0.1`` with an ephemeral port, in a background thread with its own
+event loop, so tests talk to it over real sockets exactly as a browser or a
+Python client would. :func:`running` is the context-manager form for fixtures.
+
+The client helpers log in over HTTP (httpx), open WebSockets
+(``websockets.asyncio.client``) and read JSON frames with a timeout that only
+guards against a hang: every wait is for an event, never a sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import socket
+import sys
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import ModuleType
+from typing import Any, TypeVar
+
+import httpx
+import uvicorn
+from websockets.asyncio.client import ClientConnection, connect
+
+__all__ = [
+    "EXAMPLES",
+    "LiveServer",
+    "cookie_header",
+    "load_example",
+    "login",
+    "open_ws",
+    "recv_json",
+    "running",
+]
+
+T = TypeVar("T")
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def load_example(name: str) -> ModuleType:
+    """Import ``examples/<name>.py`` (once per process) without touching ``sys.path``."""
+    module = sys.modules.get(name)
+    if module is not None and Path(getattr(module, "__file__", "")).resolve().parent == EXAMPLES:
+        return module
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, telling :class:`LiveServer` when it is up and going down."""
+
+    def __init__(self, config: uvicorn.Config, live: LiveServer) -> None:
+        super().__init__(config)
+        self._live = live
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started:
+            self._live._loop = asyncio.get_running_loop()
+            self._live._ready.set()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self._live.before_shutdown is not None:
+            await self._live.before_shutdown()
+        await super().shutdown(sockets=sockets)
+
+
+class LiveServer:
+    """An ASGI app served by uvicorn on ``127.0.0.1:<ephemeral port>`` in a thread.
+
+    * ``before_shutdown`` runs on the server's loop when it is asked to stop,
+      before uvicorn closes connections (what ``pmhub.adapters.asgi.serve``
+      does with ``hub.close_all()``); ``after_exit`` runs on that loop once
+      uvicorn has stopped (e.g. to close a store).
+    * ``sndbuf`` sets ``SO_SNDBUF`` on the listening socket (accepted sockets
+      inherit it): a small one makes back-pressure reach the app quickly.
+    """
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        before_shutdown: Callable[[], Awaitable[object]] | None = None,
+        after_exit: Callable[[], Awaitable[object]] | None = None,
+        ws_ping_interval: float | None = 20.0,
+        ws_ping_timeout: float | None = 20.0,
+        ws_max_size: int = 16 * 1024 * 1024,
+        sndbuf: int | None = None,
+    ) -> None:
+        self.app = app
+        self.before_shutdown = before_shutdown
+        self.after_exit = after_exit
+        self.config = uvicorn.Config(
+            app,
+            lifespan="on",
+            ws_ping_interval=ws_ping_interval,
+            ws_ping_timeout=ws_ping_timeout,
+            ws_max_size=ws_max_size,
+            log_level="warning",
+        )
+        self.sndbuf = sndbuf
+        self.port = 0
+        self._server = _Server(self.config, self)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    @property
+    def host(self) -> str:
+        """The ``Host`` header clients send (``host:port``)."""
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 15.0) -> None:
+        # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets whose
+        # ``proto`` says TCP, and without it every HTTP answer waits ~40 ms for a
+        # delayed ACK (Nagle).
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        if self.sndbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.sndbuf)
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        self._thread = threading.Thread(
+            target=self._run, args=(sock,), name=f"uvicorn:{self.port}", daemon=True
+        )
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            self._server.should_exit = True
+            raise TimeoutError(f"uvicorn did not start within {timeout} s")
+        if self._error is not None or not self._server.started:
+            self._thread.join(timeout)
+            raise RuntimeError("uvicorn failed to start") from self._error
+
+    def _run(self, sock: socket.socket) -> None:
+        async def main() -> None:
+            try:
+                await self._server.serve(sockets=[sock])
+            finally:
+                if self.after_exit is not None:
+                    await self.after_exit()
+
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(main())
+        except BaseException as exc:
+            self._error = exc
+        finally:
+            self._ready.set()  # unblock start() if startup failed
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+            sock.close()
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Ask uvicorn to exit (as on SIGTERM) and wait for the thread to end."""
+        if self._thread is None:
+            return
+        self._server.should_exit = True
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._server.force_exit = True
+            self._thread.join(timeout)
+            raise TimeoutError(f"uvicorn did not stop within {timeout} s")
+        self._thread = None
+        if self._error is not None:
+            raise RuntimeError("the server thread failed") from self._error
+
+    def call(self, fn: Callable[[], Awaitable[T]], timeout: float = 15.0) -> T:
+        """Run ``fn()`` on the server's loop and wait for its result (blocking)."""
+        assert self._loop is not None, "the server is not running"
+        return asyncio.run_coroutine_threadsafe(_coro(fn), self._loop).result(timeout)
+
+    async def acall(self, fn: Callable[[], Awaitable[T]], timeout: float = 15.0) -> T:
+        """Run ``fn()`` on the server's loop, awaiting it from the caller's loop."""
+        assert self._loop is not None, "the server is not running"
+        future = asyncio.run_coroutine_threadsafe(_coro(fn), self._loop)
+        return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+
+    async def until(
+        self, predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition"
+    ) -> None:
+        """Wait until ``predicate()``, evaluated on the server's loop, holds.
+
+        For server state that no frame announces (e.g. a connection the server
+        has let go of); it re-checks after each turn of the server's loop.
+        """
+
+        async def check() -> bool:
+            return predicate()
+
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not await self.acall(check):
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            await asyncio.sleep(0.01)  # poll interval only; the wait is on the predicate
+
+
+async def _coro(fn: Callable[[], Awaitable[T]]) -> T:
+    return await fn()
+
+
+@contextmanager
+def running(app: Any, **options: Any) -> Iterator[LiveServer]:
+    """Serve ``app`` for the duration of the block (see :class:`LiveServer`)."""
+    server = LiveServer(app, **options)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+# -- clients -------------------------------------------------------------------------
+
+
+def cookie_header(session: str) -> dict[str, str]:
+    """The ``Cookie`` header carrying a ``session`` cookie value."""
+    return {"Cookie": f"session={session}"}
+
+
+async def login(base_url: str, username: str, password: str | None = None) -> str:
+    """Log in through the demo's ``POST /api/login``; return the ``session`` cookie value."""
+    async with httpx.AsyncClient(base_url=base_url) as http:
+        response = await http.post(
+            "/api/login",
+            json={"username": username, "password": username if password is None else password},
+        )
+    response.raise_for_status()
+    value = response.cookies.get("session")
+    assert value, f"no session cookie in {response.headers!r}"
+    return value
+
+
+def open_ws(
+    url: str,
+    session: str | None = None,
+    *,
+    headers: dict[str, str] | None = None,
+    **options: Any,
+) -> connect:
+    """``websockets.asyncio.client.connect`` with the session cookie set (use ``async with``)."""
+    extra = dict(headers or {})
+    if session is not None:
+        extra.update(cookie_header(session))
+    options.setdefault("open_timeout", 10)
+    options.setdefault("close_timeout", 5)
+    return connect(url, additional_headers=extra, **options)
+
+
+async def recv_json(ws: ClientConnection, timeout: float = 5.0) -> dict[str, Any]:
+    """The next frame, which must be a JSON object in a text frame."""
+    data = await asyncio.wait_for(ws.recv(), timeout)
+    assert isinstance(data, str), f"expected a text frame, got {data!r}"
+    frame = json.loads(data)
+    assert isinstance(frame, dict), f"expected a JSON object, got {data!r}"
+    return frame
