@@ -29,6 +29,8 @@ from pmhub.adapters.asgi import (
     Scope,
     Send,
     read_json,
+    request_from,
+    respond_error,
     respond_json,
     route_path,
     serve,
@@ -85,20 +87,14 @@ def build_app(
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         route = (scope["method"], route_path(scope)) if scope["type"] == "http" else None
-        if route is not None and route not in DEMO_ROUTES and route[1] in DEMO_PATHS:
-            allowed = ", ".join(method for method, path in DEMO_ROUTES if path == route[1])
-            body = msgspec.json.encode(
-                {"error": {"code": "method_not_allowed", "message": f"use {allowed}"}}
-            )
-            headers = [(b"content-type", b"application/json"), (b"allow", allowed.encode())]
-            await respond_json(send, 405, body, headers)
-            return
-        if route not in DEMO_ROUTES:
+        if route is None or route[1] not in DEMO_PATHS:
             await pmhub_app(scope, receive, send)
             return
-        path = route[1]
-        request = Request(path, {k.decode().lower(): v.decode() for k, v in scope["headers"]})
+        request = request_from(scope)
         try:
+            if route not in DEMO_ROUTES:
+                allowed = ", ".join(method for method, path in DEMO_ROUTES if path == route[1])
+                raise Rejected("method_not_allowed", f"use {allowed}", status=405)
             if route == ("GET", "/"):
                 page = PAGE.read_bytes()
                 await send(
@@ -128,8 +124,7 @@ def build_app(
                 ]
                 await respond_json(send, 200, msgspec.json.encode(peers))
         except Rejected as exc:
-            body = msgspec.json.encode({"error": {"code": exc.code, "message": exc.message}})
-            await respond_json(send, exc.status, body)
+            await respond_error(send, exc)
 
     return app, hub
 

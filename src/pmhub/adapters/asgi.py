@@ -35,6 +35,8 @@ __all__ = [
     "Scope",
     "Send",
     "read_json",
+    "request_from",
+    "respond_error",
     "respond_json",
     "route_path",
     "serve",
@@ -136,7 +138,7 @@ class PmhubApp:
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (await receive())["type"] != "websocket.connect":
             return
-        request = _request(scope)
+        request = request_from(scope)
         if not origin_allowed(
             request.headers.get("origin"), request.headers.get("host"), self.allowed_origins
         ):
@@ -202,7 +204,7 @@ class PmhubApp:
                 return
             if not self.hub.running:
                 raise BackendError("the hub is not running")
-            request = _request(scope)
+            request = request_from(scope)
             if method not in ("GET", "HEAD") and not origin_allowed(
                 request.headers.get("origin"), request.headers.get("host"), self.allowed_origins
             ):
@@ -243,12 +245,7 @@ class PmhubApp:
             await respond_json(send, 503, unavailable)
         except Rejected as exc:
             self.hub.metrics.error(exc.code)
-            headers = list(JSON)
-            if exc.retry_after is not None:
-                headers.append((b"retry-after", str(math.ceil(exc.retry_after)).encode()))
-            if exc.status == 405:
-                headers.append((b"allow", exc.message.rsplit(" ", 1)[-1].encode()))
-            await respond_json(send, exc.status, _error_body(exc.code, exc.message), headers)
+            await respond_error(send, exc)
 
     async def _known(self, user_id: int) -> None:
         if not await self.hub.policy.exists(user_id):
@@ -303,7 +300,8 @@ def route_path(scope: Scope) -> str:
     return path
 
 
-def _request(scope: Scope) -> Request:
+def request_from(scope: Scope) -> Request:
+    """The transport-neutral :class:`~pmhub.auth.Request` of an HTTP or WebSocket scope."""
     headers = {
         name.decode("latin-1").lower(): value.decode("latin-1")
         for name, value in scope.get("headers", ())
@@ -336,6 +334,20 @@ def _user_id(text: str) -> int:
 def _allow(method: str, allowed: str) -> None:
     if method != allowed and not (allowed == "GET" and method == "HEAD"):
         raise Rejected("method_not_allowed", f"use {allowed}", status=405)
+
+
+async def respond_error(send: Send, exc: Rejected) -> None:
+    """Answer with ``exc`` as ``{"error": {"code", "message"}}`` and its status.
+
+    ``rate_limited`` gets a ``Retry-After`` header (whole seconds, rounded up);
+    405 an ``Allow`` header naming the method (the message ends with it).
+    """
+    headers = list(JSON)
+    if exc.retry_after is not None:
+        headers.append((b"retry-after", str(math.ceil(exc.retry_after)).encode()))
+    if exc.status == 405:
+        headers.append((b"allow", exc.message.rsplit(" ", 1)[-1].encode()))
+    await respond_json(send, exc.status, _error_body(exc.code, exc.message), headers)
 
 
 def _error_body(code: str, message: str) -> bytes:
