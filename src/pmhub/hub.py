@@ -233,8 +233,13 @@ class Hub:
         await self.broker.publish(Presence(user_id, encode(UserOnlineStatus(user_id, online))))
 
     def _count_connections(self) -> None:
-        self.metrics.connections(sum(len(c) for c in self._clients.values()))
+        self.metrics.connections(self.connection_count)
         self.metrics.users_online(len(self._clients))
+
+    @property
+    def connection_count(self) -> int:
+        """How many connections this hub holds."""
+        return sum(len(clients) for clients in self._clients.values())
 
     def clients(self, user_id: int) -> list[Client]:
         """The connections ``user_id`` has open on this hub."""
@@ -428,7 +433,7 @@ class Hub:
         except Exception as exc:
             raise BackendError(f"broker: {exc}") from exc
         return {
-            "connections": sum(len(c) for c in self._clients.values()),
+            "connections": self.connection_count,
             "users_online": len(self._clients),
         }
 
