@@ -154,7 +154,10 @@ def main() -> None:
     args = parser.parse_args()
     app, hub = build_app(args.db, metrics=PrometheusMetrics())
     print(f"pmhub demo: open http://{args.host}:{args.port}/ (alice/alice, bob/bob, ...)")
-    anyio.run(lambda: serve(app, hub, host=args.host, port=args.port))
+    try:
+        anyio.run(lambda: serve(app, hub, host=args.host, port=args.port))
+    except KeyboardInterrupt:  # Ctrl+C: the server already shut down cleanly
+        pass
 
 
 if __name__ == "__main__":
