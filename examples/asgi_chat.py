@@ -13,6 +13,7 @@ everyone out).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hmac
 import os
 import secrets
@@ -154,10 +155,8 @@ def main() -> None:
     args = parser.parse_args()
     app, hub = build_app(args.db, metrics=PrometheusMetrics())
     print(f"pmhub demo: open http://{args.host}:{args.port}/ (alice/alice, bob/bob, ...)")
-    try:
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C, after a clean shutdown
         anyio.run(lambda: serve(app, hub, host=args.host, port=args.port))
-    except KeyboardInterrupt:  # Ctrl+C: the server already shut down cleanly
-        pass
 
 
 if __name__ == "__main__":
