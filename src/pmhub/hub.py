@@ -102,7 +102,7 @@ class Hub:
         self.broker: Broker = broker if broker is not None else InProcessBroker()
         self.limits = limits if limits is not None else Limits()
         self.metrics: Metrics = metrics if metrics is not None else NullMetrics()
-        self.welcome = welcome
+        self._welcome = Outgoing.of(System(welcome))  # encoded once, shared by every client
         self._clock = clock
         self._clients: dict[int, dict[str, Client]] = {}
         self._message_buckets: dict[int, TokenBucket] = {}
@@ -193,7 +193,7 @@ class Hub:
         self._check_running()
         client = Client(identity, self.limits)
         user_id = identity.user_id
-        client.push(Outgoing.of(System(self.welcome)))
+        client.push(self._welcome)
         async with self._presence_lock:
             first = await self.broker.join(user_id)
             try:
