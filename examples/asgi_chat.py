@@ -13,7 +13,6 @@ everyone out).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hmac
 import os
 import secrets
@@ -155,8 +154,7 @@ def main() -> None:
     args = parser.parse_args()
     app, hub = build_app(args.db, metrics=PrometheusMetrics())
     print(f"pmhub demo: open http://{args.host}:{args.port}/ (alice/alice, bob/bob, ...)")
-    with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C, after a clean shutdown
-        anyio.run(lambda: serve(app, hub, host=args.host, port=args.port))
+    anyio.run(lambda: serve(app, hub, host=args.host, port=args.port))
 
 
 if __name__ == "__main__":

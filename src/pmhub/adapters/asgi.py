@@ -400,7 +400,8 @@ async def serve(app: ASGIApp, hub: Hub, *, host: str = "127.0.0.1", port: int = 
     """Serve ``app`` (which runs ``hub``) with uvicorn, configured as pmhub expects.
 
     Pings follow ``hub.limits``; on shutdown every connection is closed with
-    1001 before the server stops. Needs ``pip install 'pmhub[examples]'``.
+    1001 before the server stops, and after Ctrl+C or SIGTERM this returns
+    normally. Needs ``pip install 'pmhub[examples]'``.
     """
     try:
         import uvicorn
@@ -411,6 +412,11 @@ async def serve(app: ASGIApp, hub: Hub, *, host: str = "127.0.0.1", port: int = 
         async def shutdown(self, sockets: Any = None) -> None:
             await hub.close_all()
             await super().shutdown(sockets=sockets)
+            # uvicorn re-raises a Ctrl+C or SIGTERM it handled once it has shut
+            # down, which ends the process with a traceback; return instead.
+            captured = getattr(self, "_captured_signals", None)
+            if isinstance(captured, list):
+                captured.clear()
 
     config = uvicorn.Config(
         app,
