@@ -224,7 +224,7 @@ def decode_server_frame(data: str | bytes) -> ServerFrame:
     return _server_decoder.decode(data)
 
 
-def encode(frame: ServerFrame | Message | Conversation | object) -> bytes:
+def encode(frame: object) -> bytes:
     """Encode a frame (or any msgspec-encodable value) to JSON bytes."""
     return _encoder.encode(frame)
 

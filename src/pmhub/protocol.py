@@ -57,12 +57,20 @@ class ConnectionProtocol:
 
     def receive(self, data: str | bytes, *, binary: bool = False) -> ClientFrame | Reply | Close:
         """Return the frame to execute, an error to send back, or a close."""
-        if _over(data, self.limits.max_frame_size):
-            return Close(CLOSE_TOO_LARGE, f"frame over {self.limits.max_frame_size} bytes")
+        limit = self.limits.max_frame_size
+        # Encode a text frame once, for the size check and the decoder alike; one
+        # with more characters than the limit is too large in bytes anyway.
+        raw = (
+            data.encode("utf-8", "surrogatepass")
+            if isinstance(data, str) and len(data) <= limit
+            else data
+        )
+        if len(raw) > limit:
+            return Close(CLOSE_TOO_LARGE, f"frame over {limit} bytes")
         if binary:
             return self._invalid("binary frames are not accepted: send JSON as a text frame")
         try:
-            frame = decode_client_frame(data)
+            frame = decode_client_frame(raw)
         except Rejected as exc:
             return self._invalid(exc.message)
         self.invalid_in_a_row = 0
@@ -73,10 +81,3 @@ class ConnectionProtocol:
         if self.invalid_in_a_row >= self.limits.max_invalid_frames:
             return Close(CLOSE_POLICY_VIOLATION, "too many invalid frames in a row")
         return Reply(Error("invalid_frame", message))
-
-
-def _over(data: str | bytes, limit: int) -> bool:
-    if isinstance(data, bytes) or len(data) > limit:
-        return len(data) > limit
-    # A character is at most 4 bytes: encode only when the size could matter.
-    return len(data) * 4 > limit and len(data.encode("utf-8", "surrogatepass")) > limit
