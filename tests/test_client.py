@@ -1,4 +1,4 @@
-"""A Client's bounded, ordered outbound queue."""
+"""A Client's outbound queue: bounded by frames and bytes, each live message once."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import anyio
 import pytest
 
 from pmhub.auth import Identity
-from pmhub.client import Client
+from pmhub.client import DEDUP_WINDOW, Client
 from pmhub.frames import Outgoing
 from pmhub.limits import Limits
 
@@ -40,31 +40,82 @@ async def test_frames_come_out_in_push_order_and_identical() -> None:
     assert all(got is sent for got, sent in zip(drained, frames, strict=True))
 
 
-async def test_live_messages_keep_id_order_and_drop_repeats() -> None:
+async def test_live_messages_are_delivered_once_even_when_late() -> None:
     client = Client(Identity(1), Limits())
     assert client.push(live(1))
     assert client.push(live(3))
     assert not client.push(live(3))  # a repeat
-    assert not client.push(live(2))  # older than one already queued
-    assert client.push(notice(0))  # other frames are not ordered by id
+    assert client.push(live(2))  # late (another node): still delivered
+    assert not client.push(live(2))
+    assert client.push(notice(0))  # other frames are never de-duplicated
+    assert client.push(notice(0))
     assert client.push(live(4))
-    assert [f.message_id for f in await drain(client)] == [1, 3, None, 4]
+    assert [f.message_id for f in await drain(client)] == [1, 3, 2, None, None, 4]
     assert not client.push(live(4))  # still a repeat after it was sent
 
 
-async def test_replay_frames_are_exempt_and_do_not_move_the_live_order() -> None:
+async def test_the_repeat_window_is_bounded() -> None:
+    client = Client(Identity(1), Limits())
+    for message_id in range(1, DEDUP_WINDOW + 2):
+        assert client.push(live(message_id))
+        await drain(client)
+    assert not client.push(live(2))  # within the last DEDUP_WINDOW ids
+    assert client.push(live(1))  # forgotten: the window holds only the recent ids
+
+
+async def test_replay_frames_are_exempt_and_do_not_count_as_seen() -> None:
     client = Client(Identity(1), Limits())
     assert client.push(live(5))
     assert client.push(live(2), replay=True)
     assert client.push(live(5), replay=True)
     assert client.push(live(9), replay=True)
-    assert client.push(live(6))  # the replay of 9 did not raise the live mark
-    assert [f.message_id for f in await drain(client)] == [5, 2, 5, 9, 6]
+    assert client.push(live(9))  # the replay of 9 does not hide its live copy
+    assert [f.message_id for f in await drain(client)] == [5, 2, 5, 9, 9]
     assert not client.closing
 
 
+async def test_the_queue_is_bounded_by_bytes_too() -> None:
+    big = Outgoing(b"x" * 400)
+    client = Client(Identity(1), Limits(max_queue_bytes=1000))
+    assert client.push(big) and client.push(big)
+    assert not client.push(big)  # 1,200 bytes > 1,000
+    assert client.close_code == 1013
+
+
+async def test_prepend_puts_frames_ahead_of_what_is_queued() -> None:
+    client = Client(Identity(1), Limits())
+    client.push(live(7))
+    assert client.prepend([notice(1), notice(2)])
+    assert [f.data for f in await drain(client)] == [notice(1).data, notice(2).data, live(7).data]
+    small = Client(Identity(1), Limits(max_queue=2))
+    assert not small.prepend([notice(1), notice(2), notice(3)])
+    assert small.close_code == 1013
+
+
+async def test_wait_for_room_holds_bulk_replies_until_half_empty() -> None:
+    client = Client(Identity(1), Limits(max_queue=4))
+    for n in range(2):
+        client.push(notice(n))
+    passed = []
+
+    async def bulk() -> None:
+        assert await client.wait_for_room()
+        passed.append(True)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(bulk)
+            await anyio.wait_all_tasks_blocked()
+            assert passed == []  # half full: a bulk reply waits
+            await client.next_frame()
+    assert passed == [True]
+    client.push(notice(3))
+    client.close(1013)
+    assert not await client.wait_for_room()  # a closing connection takes nothing more
+
+
 async def test_overflow_closes_1013_and_drops_later_pushes() -> None:
-    client = Client(Identity(1), Limits(max_queue=4, sync_page_size=2))
+    client = Client(Identity(1), Limits(max_queue=4))
     for n in range(4):
         assert client.push(notice(n))
     assert not client.closing

@@ -137,10 +137,11 @@ def test_non_positive_limit_raises_value_error(name: str, value: int) -> None:
         Limits(**{name: value})
 
 
-def test_max_queue_must_hold_a_sync_page() -> None:
-    with pytest.raises(ValueError, match="max_queue"):
-        Limits(sync_page_size=10, max_queue=11)
-    assert Limits(sync_page_size=10, max_queue=12).max_queue == 12
+def test_defaults_that_protect_the_server() -> None:
+    limits = Limits()
+    assert limits.max_queue_bytes == 1024 * 1024
+    assert limits.max_connections_per_user == 20
+    assert limits.max_batch_size == 1000
 
 
 def test_limits_are_frozen() -> None:

@@ -11,11 +11,16 @@ import anyio
 import msgspec
 import pytest
 
-from pmhub import Draft, InProcessBroker, MemoryStore, SQLiteStore
+from pmhub import Draft, InProcessBroker, MemoryStore, Message, SQLiteStore
 from pmhub.store import MessageStore
 from pmhub.testing import check_broker, check_store
 
 pytestmark = pytest.mark.anyio
+
+
+async def save(store: MessageStore, draft: Draft) -> tuple[Message, bool]:
+    [result] = await store.save_many([draft])
+    return result
 
 
 @asynccontextmanager
@@ -63,14 +68,14 @@ async def test_check_store_names_the_broken_rule() -> None:
 async def test_sqlite_data_survives_closing_and_reopening(tmp_path: Path) -> None:
     path = tmp_path / "chat.db"
     async with sqlite(path) as store:
-        first, _ = await store.save(Draft(1, 2, "hello", "c-1"))
-        second, _ = await store.save(Draft(2, 1, "hi back"))
+        first, _ = await save(store, Draft(1, 2, "hello", "c-1"))
+        second, _ = await save(store, Draft(2, 1, "hi back"))
         await store.mark_read(2, 1, first.id)
     async with sqlite(path) as store:
         assert await store.since(1, 0, 10) == [msgspec.structs.replace(first, is_read=True), second]
-        again, created = await store.save(Draft(1, 2, "resent", "c-1"))
+        again, created = await save(store, Draft(1, 2, "resent", "c-1"))
         assert not created and again.id == first.id and again.content == "hello"
-        third, created = await store.save(Draft(1, 2, "later"))
+        third, created = await save(store, Draft(1, 2, "later"))
         assert created and third.id > second.id
 
 
@@ -87,7 +92,7 @@ async def test_sqlite_content_is_byte_exact(tmp_path: Path) -> None:
     path = tmp_path / "exact.db"
     async with sqlite(path) as store:
         for content in contents:
-            message, _ = await store.save(Draft(1, 2, content))
+            message, _ = await save(store, Draft(1, 2, content))
             assert message.content == content
     async with sqlite(path) as store:
         assert [m.content for m in await store.since(1, 0, 100)] == contents
@@ -96,7 +101,7 @@ async def test_sqlite_content_is_byte_exact(tmp_path: Path) -> None:
 
 async def test_sqlite_created_at_is_utc_milliseconds(tmp_path: Path) -> None:
     async with sqlite(tmp_path / "t.db") as store:
-        message, _ = await store.save(Draft(1, 2, "x"))
+        message, _ = await save(store, Draft(1, 2, "x"))
         [reread] = await store.since(1, 0, 10)
     assert reread.created_at == message.created_at
     assert message.created_at.utcoffset() is not None
@@ -115,7 +120,7 @@ async def test_sqlite_concurrent_saves_get_unique_increasing_ids(
         async def writer(sender: int) -> None:
             ids = per_task.setdefault(sender, [])
             for n in range(5):
-                message, created = await store.save(Draft(sender, 1000, f"{sender}-{n}", f"k{n}"))
+                message, created = await save(store, Draft(sender, 1000, f"{sender}-{n}", f"k{n}"))
                 assert created
                 ids.append(message.id)
 
@@ -143,7 +148,7 @@ async def test_sqlite_two_stores_on_one_file_share_the_id_sequence(tmp_path: Pat
 
         async def writer(store: SQLiteStore, sender: int) -> None:
             for n in range(10):
-                message, _ = await store.save(Draft(sender, 3, f"{n}"))
+                message, _ = await save(store, Draft(sender, 3, f"{n}"))
                 ids.append(message.id)
 
         async with anyio.create_task_group() as tg:
@@ -152,7 +157,7 @@ async def test_sqlite_two_stores_on_one_file_share_the_id_sequence(tmp_path: Pat
         # Each sees the other's commits.
         assert [m.id for m in await first.since(3, 0, 100)] == sorted(ids)
         assert len(set(ids)) == 20
-        again, created = await second.save(Draft(1, 3, "x", "k"))
+        again, created = await save(second, Draft(1, 3, "x", "k"))
         assert created
         assert await first.find(1, "k") == again
 
@@ -160,7 +165,7 @@ async def test_sqlite_two_stores_on_one_file_share_the_id_sequence(tmp_path: Pat
 async def test_sqlite_file_uses_wal(tmp_path: Path) -> None:
     path = tmp_path / "wal.db"
     async with sqlite(path) as store:
-        await store.save(Draft(1, 2, "x"))
+        await save(store, Draft(1, 2, "x"))
         with sqlite3.connect(path) as conn:
             assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         conn.close()
@@ -169,7 +174,7 @@ async def test_sqlite_file_uses_wal(tmp_path: Path) -> None:
 async def test_sqlite_reads_see_the_latest_write(tmp_path: Path) -> None:
     async with sqlite(tmp_path / "rw.db") as store:
         await store.ping()  # opens the reader before anything is written
-        message, _ = await store.save(Draft(1, 2, "fresh"))
+        message, _ = await save(store, Draft(1, 2, "fresh"))
         assert await store.find(1, "nope") is None
         assert await store.since(2, 0, 10) == [message]
         await store.mark_read(2, 1, message.id)

@@ -14,7 +14,7 @@ from .frames import Conversation, Message
 from .hub import Hub
 from .limits import Limits
 from .metrics import Metrics, NullMetrics, PrometheusMetrics
-from .policy import AllowAll, PermissionPolicy, StaticPolicy
+from .policy import AllowAll, ContactPolicy, PermissionPolicy, StaticPolicy
 from .store import Draft, MessageStore, ReadReceipt
 from .stores import MemoryStore, SQLiteStore
 
@@ -26,6 +26,7 @@ __all__ = [
     "BackendError",
     "Broker",
     "Client",
+    "ContactPolicy",
     "Conversation",
     "Draft",
     "Hub",

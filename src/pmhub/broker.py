@@ -4,7 +4,12 @@ A hub publishes every fan-out as an :data:`Event` to its broker; the broker
 hands every event (its own included) to every hub's ``deliver`` callback, and
 each hub pushes it to the connections it holds. The broker also counts each
 user's connections across nodes, so presence changes only on a user's first
-open and last close anywhere.
+open and last close anywhere, and the per-user connection cap holds across
+nodes.
+
+Events from one hub reach each hub in the order published; events from two
+hubs may interleave in any order (so a message may arrive after one with a
+higher id: connections place messages by id and drop exact repeats).
 
 :class:`InProcessBroker` serves a single process. Any broker can check itself
 with :func:`pmhub.testing.check_broker`.
@@ -13,14 +18,14 @@ with :func:`pmhub.testing.check_broker`.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Protocol
 
 import anyio
 import msgspec
 from anyio.abc import TaskStatus
 
-__all__ = ["Broker", "Deliver", "Deliverer", "Event", "InProcessBroker", "Presence", "Revoke"]
+__all__ = ["Broker", "Deliver", "Deliverer", "Event", "InProcessBroker", "Revoke"]
 
 
 class Deliver(msgspec.Struct, tag="deliver", frozen=True):
@@ -33,20 +38,13 @@ class Deliver(msgspec.Struct, tag="deliver", frozen=True):
     exclude: str | None = None
 
 
-class Presence(msgspec.Struct, tag="presence", frozen=True):
-    """``user_id`` came online or went offline: tell their contacts ``frame``."""
-
-    user_id: int
-    frame: bytes
-
-
 class Revoke(msgspec.Struct, tag="revoke", frozen=True):
     """Close every connection authenticated by session ``session_id``."""
 
     session_id: str
 
 
-Event = Deliver | Presence | Revoke
+Event = Deliver | Revoke
 Deliverer = Callable[[Event], Awaitable[None]]
 
 
@@ -67,16 +65,20 @@ class Broker(Protocol):
         """Send ``event`` to every running hub, this one included."""
         ...
 
-    async def join(self, user_id: int) -> bool:
-        """Count a new connection of ``user_id``; True if it is their first anywhere."""
+    async def join(self, user_id: int) -> int:
+        """Count a new connection of ``user_id``; return how many they now have
+        open anywhere (1: they just came online)."""
         ...
 
-    async def leave(self, user_id: int) -> bool:
-        """Count a closed connection of ``user_id``; True if it was their last anywhere."""
+    async def leave(self, user_id: int) -> int:
+        """Count a closed connection of ``user_id``; return how many they still
+        have open anywhere (0: they just went offline)."""
         ...
 
-    async def online(self) -> set[int]:
-        """Every user with at least one open connection anywhere."""
+    async def online(self, user_ids: Iterable[int] | None = None) -> set[int]:
+        """Which of ``user_ids`` have an open connection anywhere (every online
+        user when ``None``: that costs O(online users), which only policies
+        without contacts need)."""
         ...
 
     async def ping(self) -> None:
@@ -105,21 +107,24 @@ class InProcessBroker:
         for deliver in tuple(self._deliverers):
             await deliver(event)
 
-    async def join(self, user_id: int) -> bool:
+    async def join(self, user_id: int) -> int:
         self._connections[user_id] += 1
-        return self._connections[user_id] == 1
+        return self._connections[user_id]
 
-    async def leave(self, user_id: int) -> bool:
-        if self._connections[user_id] <= 0:
+    async def leave(self, user_id: int) -> int:
+        count = self._connections.get(user_id, 0)
+        if count <= 0:
             raise RuntimeError(f"leave({user_id}) without a matching join()")
-        self._connections[user_id] -= 1
-        if self._connections[user_id] == 0:
+        if count == 1:
             del self._connections[user_id]
-            return True
-        return False
+        else:
+            self._connections[user_id] = count - 1
+        return count - 1
 
-    async def online(self) -> set[int]:
-        return set(self._connections)
+    async def online(self, user_ids: Iterable[int] | None = None) -> set[int]:
+        if user_ids is None:
+            return set(self._connections)
+        return {user_id for user_id in user_ids if user_id in self._connections}
 
     async def ping(self) -> None:
         return None

@@ -1,9 +1,13 @@
 """A :class:`Client` is one connected device of a user, as the hub sees it.
 
-Its outbound queue is bounded and never blocks the hub: :meth:`Client.push`
-either queues a frame or, when the queue is full, closes the connection with
-1013 so the device reconnects and resumes with ``sync``. One slow or dead
-device never stalls anyone else.
+Its outbound queue is bounded by frames and by bytes and never blocks the
+hub: :meth:`Client.push` either queues a frame or, when the queue is full,
+closes the connection with 1013 so the device reconnects and resumes with
+``sync``. One slow or dead device never stalls anyone else.
+
+Replies a client asks for in bulk (``sync`` pages, resends) wait for room
+instead (:meth:`Client.wait_for_room`): that holds back the asking
+connection's own reads and leaves the other half of the queue to live frames.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections import deque
+from collections.abc import Iterable
 
 import anyio
 
@@ -24,9 +29,49 @@ __all__ = ["Client"]
 _ids = itertools.count(1)
 _node = os.urandom(4).hex()
 
+#: How many recent live message ids a connection remembers to drop repeats.
+DEDUP_WINDOW = 128
+
+
+class _RecentIds:
+    """The last :data:`DEDUP_WINDOW` ids seen: exact de-duplication in a
+    bounded window, whatever order the ids arrive in."""
+
+    __slots__ = ("_order", "_seen")
+
+    def __init__(self) -> None:
+        self._order: deque[int] = deque()
+        self._seen: set[int] = set()
+
+    def add(self, message_id: int) -> bool:
+        """Remember ``message_id``; False if it was already seen."""
+        if message_id in self._seen:
+            return False
+        if len(self._order) == DEDUP_WINDOW:
+            self._seen.discard(self._order.popleft())
+        self._order.append(message_id)
+        self._seen.add(message_id)
+        return True
+
 
 class Client:
     """One connection: its identity, protocol state and outbound queue."""
+
+    __slots__ = (
+        "_max_bytes",
+        "_max_queue",
+        "_queue",
+        "_queued_bytes",
+        "_recent",
+        "_room",
+        "_wakeup",
+        "close_code",
+        "close_reason",
+        "id",
+        "identity",
+        "protocol",
+        "user_id",
+    )
 
     def __init__(self, identity: Identity, limits: Limits) -> None:
         self.identity = identity
@@ -37,9 +82,12 @@ class Client:
         self.close_code: int | None = None
         self.close_reason = ""
         self._max_queue = limits.max_queue
+        self._max_bytes = limits.max_queue_bytes
         self._queue: deque[Outgoing] = deque()
+        self._queued_bytes = 0
         self._wakeup = anyio.Event()
-        self._last_live_id = 0
+        self._room: anyio.Event | None = None  # set when a bulk reply may go on
+        self._recent: _RecentIds | None = None  # made on the first live message
 
     @property
     def closing(self) -> bool:
@@ -49,22 +97,52 @@ class Client:
     def push(self, frame: Outgoing, *, replay: bool = False) -> bool:
         """Queue ``frame``; return False if it was dropped or the client is closing.
 
-        Live ``private_message`` frames keep id order: one with an id not above
-        the last live one is a repeat and is dropped. ``replay`` frames (a
-        ``sync`` page, an idempotent resend) are exempt.
+        A live ``private_message`` frame is delivered once: a repeat of one of
+        the last :data:`DEDUP_WINDOW` ids is dropped, but one that arrives
+        after a higher id (from another node) is not. ``replay`` frames (a
+        ``sync`` page, an idempotent resend) are exempt: a replay may repeat.
         """
         if self.close_code is not None:
             return False
         if frame.message_id is not None and not replay:
-            if frame.message_id <= self._last_live_id:
+            if self._recent is None:
+                self._recent = _RecentIds()
+            if not self._recent.add(frame.message_id):
                 return False
-            self._last_live_id = frame.message_id
-        if len(self._queue) >= self._max_queue:
+        size = len(frame.data)
+        if len(self._queue) >= self._max_queue or self._queued_bytes + size > self._max_bytes:
             self.close(CLOSE_TRY_AGAIN_LATER, "too slow: reconnect and sync")
             return False
         self._queue.append(frame)
+        self._queued_bytes += size
         self._wakeup.set()
         return True
+
+    def prepend(self, frames: Iterable[Outgoing]) -> bool:
+        """Queue ``frames`` ahead of everything queued so far (the welcome and
+        the presence snapshot go before live frames that arrived while the
+        connection was being set up); False if that overflows the queue."""
+        ahead = list(frames)
+        for frame in ahead:
+            self._queued_bytes += len(frame.data)
+        self._queue.extendleft(reversed(ahead))
+        if len(self._queue) > self._max_queue or self._queued_bytes > self._max_bytes:
+            self.close(CLOSE_TRY_AGAIN_LATER, "too much to send at connect: reconnect later")
+            return False
+        self._wakeup.set()
+        return True
+
+    def _has_room(self) -> bool:
+        if not self._queue:  # one frame always fits an empty queue
+            return True
+        return len(self._queue) * 2 < self._max_queue and self._queued_bytes * 2 < self._max_bytes
+
+    async def wait_for_room(self) -> bool:
+        """Wait until the queue is at most half full; False if the connection closes."""
+        while self.close_code is None and not self._has_room():
+            self._room = anyio.Event()
+            await self._room.wait()
+        return self.close_code is None
 
     def close(self, code: int, reason: str = "") -> None:
         """Ask the transport to close with ``code``; later pushes are dropped."""
@@ -72,7 +150,10 @@ class Client:
             self.close_code = code
             self.close_reason = reason
             self._queue.clear()
+            self._queued_bytes = 0
             self._wakeup.set()
+            if self._room is not None:
+                self._room.set()
 
     async def next_frame(self) -> Outgoing | None:
         """Wait for the next frame to send; None once the connection must close."""
@@ -83,7 +164,12 @@ class Client:
             self._wakeup = anyio.Event()
         if self.close_code is not None:
             return None
-        return self._queue.popleft()
+        frame = self._queue.popleft()
+        self._queued_bytes -= len(frame.data)
+        if self._room is not None and self._has_room():
+            self._room.set()
+            self._room = None
+        return frame
 
     def __repr__(self) -> str:
         return f"<Client {self.id} user={self.user_id}>"

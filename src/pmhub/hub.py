@@ -9,10 +9,12 @@ with :meth:`Hub.receive` and send what each client's queue yields.
 Rules it keeps:
 
 * Persist first, fan out second: a message is published only once stored.
-* Stores and publishes are serialized, so each connection sees live messages
-  in id order.
+* Every send goes through one :class:`~pmhub.sequencer.Sequencer`: sends are
+  committed in batches and published in id order, so through one node each
+  connection sees live messages in id order.
 * Fan-out never awaits a connection: a frame is queued or the connection is
-  closed (1013). Background work runs in the hub's task group.
+  closed (1013). Bulk replies a client asks for (``sync``, resends) wait for
+  room in its own queue. Background work runs in the hub's task group.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import anyio
 import anyio.abc
 
 from .auth import Identity
-from .broker import Broker, Deliver, Event, InProcessBroker, Presence, Revoke
+from .broker import Broker, Deliver, Event, InProcessBroker, Revoke
 from .client import Client
 from .errors import BackendError, Rejected
 from .frames import (
@@ -48,12 +50,12 @@ from .frames import (
     SyncComplete,
     System,
     TypingIndicator,
-    UserOnlineStatus,
     encode,
 )
 from .limits import Limits, TokenBucket, TypingTimers
 from .metrics import Metrics, NullMetrics
 from .policy import PermissionPolicy
+from .presence import Presence, presence_frame
 from .protocol import (
     CLOSE_GOING_AWAY,
     CLOSE_INTERNAL_ERROR,
@@ -62,6 +64,7 @@ from .protocol import (
     Close,
     Reply,
 )
+from .sequencer import Sequencer
 from .store import Draft, MessageStore
 
 if sys.version_info < (3, 11):
@@ -109,8 +112,12 @@ class Hub:
         self._typing_buckets: dict[int, TokenBucket] = {}
         self._typing = TypingTimers(self.limits.typing_timeout)
         self._typing_changed = anyio.Event()
-        self._order_lock = anyio.Lock()
-        self._presence_lock = anyio.Lock()
+        self._presence = Presence(self.broker, policy)
+        self._sequencer = Sequencer(
+            lambda drafts: self._timed("save", self.store.save_many(drafts)),
+            self._publish_message,
+            max_batch=self.limits.max_batch_size,
+        )
         self._idle = anyio.Event()
         self._stack: AsyncExitStack | None = None
         self._running = False
@@ -124,6 +131,7 @@ class Hub:
             tg = await stack.enter_async_context(anyio.create_task_group())
             stack.push_async_callback(self._shutdown, tg)
             await tg.start(self._run_broker)
+            await tg.start(self._sequencer.run)
             tg.start_soon(self._expire_typing)
             self._stack = stack.pop_all()
         self._running = True
@@ -147,6 +155,8 @@ class Hub:
 
     async def _shutdown(self, tg: anyio.abc.TaskGroup) -> None:
         await self.close_all()
+        with anyio.move_on_after(5):  # commit what was submitted before the store closes
+            await self._sequencer.aclose()
         await self.store.aclose()
         tg.cancel_scope.cancel()
 
@@ -188,30 +198,42 @@ class Hub:
         """Register a device of ``identity`` for as long as the block runs.
 
         The client gets the welcome, then the presence snapshot; the user's
-        contacts learn they are online if this is their first connection.
+        contacts learn they are online if this is their first connection. A
+        user over ``Limits.max_connections_per_user`` (across nodes) gets a
+        client that is already closing with 1013.
         """
         self._check_running()
         client = Client(identity, self.limits)
         user_id = identity.user_id
-        client.push(self._welcome)
-        async with self._presence_lock:
-            first = await self.broker.join(user_id)
+        async with self._presence.changing(user_id):
+            count = await self.broker.join(user_id)
             try:
-                for other in sorted(await self.broker.online()):
-                    if other != user_id and await self.policy.may_converse(user_id, other):
-                        client.push(Outgoing.of(UserOnlineStatus(other, True)))
-                self._clients.setdefault(user_id, {})[client.id] = client
-                self._count_connections()
-                if first:
-                    await self._publish_presence(user_id, True)
+                if count > self.limits.max_connections_per_user:
+                    client.close(
+                        CLOSE_TRY_AGAIN_LATER,
+                        f"too many connections: at most {self.limits.max_connections_per_user}"
+                        " per user; close another one",
+                    )
+                else:
+                    # Registered before the snapshot is taken, so a presence change
+                    # that happens meanwhile reaches it live (after the snapshot).
+                    self._clients.setdefault(user_id, {})[client.id] = client
+                    self._count_connections()
+                    contacts = await self._presence.online_contacts(user_id)
+                    client.prepend(
+                        [self._welcome, *(presence_frame(other, True) for other in contacts)]
+                    )
+                    if count == 1:
+                        await self._publish_presence(contacts, user_id, True)
             except BaseException:
-                await self._leave(client)
+                with anyio.CancelScope(shield=True):
+                    await self._leave(client)
                 raise
         try:
             yield client
         finally:
             with anyio.CancelScope(shield=True):
-                async with self._presence_lock:
+                async with self._presence.changing(user_id):
                     await self._leave(client)
 
     async def _leave(self, client: Client) -> None:
@@ -224,13 +246,15 @@ class Hub:
                 self._idle.set()
                 self._idle = anyio.Event()
         self._count_connections()
-        if await self.broker.leave(user_id):
+        if await self.broker.leave(user_id) == 0:
             for recipient in self._typing.stop_user(user_id):
                 await self._publish_frame([recipient], TypingIndicator(user_id, recipient, False))
-            await self._publish_presence(user_id, False)
+            contacts = await self._presence.online_contacts(user_id)
+            await self._publish_presence(contacts, user_id, False)
 
-    async def _publish_presence(self, user_id: int, online: bool) -> None:
-        await self.broker.publish(Presence(user_id, encode(UserOnlineStatus(user_id, online))))
+    async def _publish_presence(self, viewers: list[int], user_id: int, online: bool) -> None:
+        if viewers:
+            await self.broker.publish(Deliver(viewers, presence_frame(user_id, online).data))
 
     def _count_connections(self) -> None:
         self.metrics.connections(self.connection_count)
@@ -279,7 +303,10 @@ class Hub:
                 case MarkRead(peer_id=peer, up_to_id=up_to):
                     await self.mark_read(client.user_id, peer, up_to, origin=client)
                 case Sync(after_id=after_id):
-                    await self._sync(client, after_id)
+                    try:
+                        await self._sync(client, after_id)
+                    except Rejected as exc:
+                        self._reply(client, _error(exc, None))
         except Exception:
             logger.exception("internal error while handling a frame of %r", client)
             client.close(CLOSE_INTERNAL_ERROR, "internal error")
@@ -315,19 +342,9 @@ class Hub:
         ``rate_limited``).
         """
         self._check_running()
-        bucket = self._bucket(
-            self._message_buckets, sender_id, self.limits.message_rate, self.limits.message_burst
-        )
+        self._take_message_token(sender_id)  # a resend too: answering it costs as much
         try:
             await self._check_message(sender_id, recipient_id, content)
-            wait = bucket.take(self._clock())
-            if wait:
-                retry_after = math.ceil(wait * 1000) / 1000
-                raise Rejected(
-                    "rate_limited",
-                    f"too many messages: try again in {retry_after:g} s",
-                    retry_after=retry_after,
-                )
         except Rejected:
             # A resend is answered with what was stored, whatever it carries now:
             # the first write wins. Only refused sends pay for this look-up.
@@ -341,20 +358,32 @@ class Hub:
             message, created = stored, False
         else:
             draft = Draft(sender_id, recipient_id, content, client_id)
-            async with self._order_lock:
-                message, created = await self._timed("save", self.store.save(draft))
-                if created:
-                    self.metrics.message_in()
-                    frame = PrivateMessage(sender_id, recipient_id, message)
-                    await self.broker.publish(
-                        Deliver([sender_id, recipient_id], encode(frame), message.id)
-                    )
-            if not created:
-                bucket.refund()
-        if not created and origin is not None:
+            message, created = await self._sequencer.submit(draft)
+        if not created and origin is not None and await origin.wait_for_room():
             frame = PrivateMessage(message.sender_id, message.receiver_id, message)
             self._push(origin, Outgoing.of(frame), replay=True)
         return message, created
+
+    def _take_message_token(self, user_id: int) -> None:
+        """Count a request against ``user_id``'s message rate, or raise ``rate_limited``."""
+        bucket = self._bucket(
+            self._message_buckets, user_id, self.limits.message_rate, self.limits.message_burst
+        )
+        wait = bucket.take(self._clock())
+        if wait:
+            retry_after = math.ceil(wait * 1000) / 1000
+            raise Rejected(
+                "rate_limited",
+                f"too many requests: try again in {retry_after:g} s",
+                retry_after=retry_after,
+            )
+
+    async def _publish_message(self, message: Message) -> None:
+        """Fan out a newly stored message (the sequencer calls this in id order)."""
+        self.metrics.message_in()
+        frame = PrivateMessage(message.sender_id, message.receiver_id, message)
+        users = [message.sender_id, message.receiver_id]
+        await self.broker.publish(Deliver(users, encode(frame), message.id))
 
     async def _check_message(self, sender_id: int, recipient_id: int, content: str) -> None:
         if not content.strip():
@@ -440,7 +469,11 @@ class Hub:
     async def _sync(self, client: Client, after_id: int) -> None:
         size = self.limits.sync_page_size
         page = await self._timed("since", self.store.since(client.user_id, after_id, size + 1))
+        if page:  # a page costs what one message does; a sync that finds nothing is free
+            self._take_message_token(client.user_id)
         for message in page[:size]:
+            if not await client.wait_for_room():
+                return
             frame = PrivateMessage(message.sender_id, message.receiver_id, message)
             self._push(client, Outgoing.of(frame), replay=True)
         last_id = page[min(size, len(page)) - 1].id if page else after_id
@@ -464,12 +497,6 @@ class Hub:
                         if client.id != exclude and self._push(client, outgoing):
                             count += 1
                 self.metrics.frames_out(count)
-            case Presence(user_id=subject, frame=data):
-                outgoing = Outgoing(data)
-                for viewer in list(self._clients):
-                    if viewer != subject and await self.policy.may_converse(viewer, subject):
-                        for client in self.clients(viewer):
-                            self._push(client, outgoing)
             case Revoke(session_id=session_id):
                 for clients in list(self._clients.values()):
                     for client in list(clients.values()):

@@ -25,8 +25,15 @@ class Limits:
     typing_timeout: float = 3.0
     #: Consecutive ``invalid_frame`` errors that close a connection with 1008.
     max_invalid_frames: int = 50
-    #: Frames a connection may have waiting to be sent; overflow closes it with 1013.
-    max_queue: int = 1024
+    #: Frames, and bytes, a connection may have waiting to be sent; overflow
+    #: closes it with 1013. Bulk replies (``sync`` pages, resends) wait for the
+    #: queue to be half empty instead.
+    max_queue: int = 4096
+    max_queue_bytes: int = 1024 * 1024
+    #: Open connections per user, across nodes; one more is closed with 1013.
+    max_connections_per_user: int = 20
+    #: Most sends committed in one transaction; more wait for the next one.
+    max_batch_size: int = 1000
     #: Messages per ``sync`` page.
     sync_page_size: int = 500
     #: Largest ``limit`` of a history page (larger ones are clamped).
@@ -39,11 +46,6 @@ class Limits:
         for name, value in vars(self).items():
             if not value > 0:  # also refuses NaN
                 raise ValueError(f"Limits.{name} must be positive, got {value!r}")
-        if self.max_queue < self.sync_page_size + 2:
-            raise ValueError(
-                "Limits.max_queue must hold a whole sync page plus its sync_complete: "
-                f"raise it above sync_page_size + 1 ({self.sync_page_size + 1})"
-            )
 
 
 class TokenBucket:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
-__all__ = ["AllowAll", "PermissionPolicy", "StaticPolicy"]
+__all__ = ["AllowAll", "ContactPolicy", "PermissionPolicy", "StaticPolicy"]
 
 
 class PermissionPolicy(Protocol):
@@ -25,6 +25,23 @@ class PermissionPolicy(Protocol):
         ...
 
 
+@runtime_checkable
+class ContactPolicy(PermissionPolicy, Protocol):
+    """A policy that also lists each user's contacts: implement it at scale.
+
+    With it, connecting and disconnecting cost O(contacts) instead of
+    O(online users): the presence snapshot and the presence broadcasts go to
+    the contacts who are online, and nobody else. ``contacts`` must be
+    symmetric (``a`` in ``contacts(b)`` exactly when ``b`` in ``contacts(a)``)
+    and a subset of whom ``may_converse`` allows: a friends list, or the
+    people one has conversations with.
+    """
+
+    async def contacts(self, user_id: int) -> Collection[int]:
+        """The users who see ``user_id``'s presence, and whose presence they see."""
+        ...
+
+
 class AllowAll:
     """Every positive user id exists and everyone may converse with everyone."""
 
@@ -40,7 +57,9 @@ class StaticPolicy:
     ``only`` restricts a user to the listed peers (in both directions).
 
     ``StaticPolicy({1, 2, 3, 4}, only={4: {3}})`` is the demo's policy:
-    user 4 converses only with user 3.
+    user 4 converses only with user 3. It is a :class:`ContactPolicy`: a
+    user's contacts are everyone they may converse with (so it suits small,
+    fixed sets of users).
     """
 
     def __init__(
@@ -57,6 +76,12 @@ class StaticPolicy:
         return user_id in self.users
 
     async def may_converse(self, user_id: int, peer_id: int) -> bool:
+        return self._allowed(user_id, peer_id)
+
+    async def contacts(self, user_id: int) -> list[int]:
+        return [peer for peer in self.users if self._allowed(user_id, peer)]
+
+    def _allowed(self, user_id: int, peer_id: int) -> bool:
         if user_id == peer_id or user_id not in self.users or peer_id not in self.users:
             return False
         if user_id in self.only and peer_id not in self.only[user_id]:

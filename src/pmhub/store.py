@@ -6,6 +6,7 @@ Any store can check itself with :func:`pmhub.testing.check_store`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 import msgspec
@@ -36,14 +37,23 @@ class MessageStore(Protocol):
 
     Rules every store keeps (and :func:`pmhub.testing.check_store` checks):
 
-    * ``id`` is unique and strictly increasing in commit order across the store.
+    * ``id`` is unique and strictly increasing in commit order across the store
+      (also across processes that share it), and in draft order within a batch.
     * ``(sender_id, client_id)`` is unique when ``client_id`` is set: saving it
-      again returns the first stored message and ``created=False``.
+      again, in a later batch or later in the same one, returns the first
+      stored message and ``created=False``.
+    * A batch is one transaction: when ``save_many`` raises, none of its
+      drafts is stored.
     * Content is stored byte-exact.
     """
 
-    async def save(self, draft: Draft) -> tuple[Message, bool]:
-        """Store ``draft``; return the stored message and whether it was created."""
+    async def save_many(self, drafts: Sequence[Draft]) -> list[tuple[Message, bool]]:
+        """Store ``drafts`` in one transaction, in order; return, for each, the
+        stored message and whether it was created (False for a resend).
+
+        The hub sends everything that arrived while the previous batch was
+        being committed, so one commit (and one fsync) serves many messages.
+        """
         ...
 
     async def find(self, sender_id: int, client_id: str) -> Message | None:

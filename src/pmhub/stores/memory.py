@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import msgspec
 
 from ..frames import Conversation, Message
@@ -16,29 +18,38 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self._messages: list[Message] = []  # in id order; id == index + 1
-        self._by_client_id: dict[tuple[int, str], Message] = {}
+        self._by_client_id: dict[tuple[int, str], int] = {}  # → id
 
-    async def save(self, draft: Draft) -> tuple[Message, bool]:
-        if draft.client_id is not None:
-            stored = self._by_client_id.get((draft.sender_id, draft.client_id))
+    async def save_many(self, drafts: Sequence[Draft]) -> list[tuple[Message, bool]]:
+        for draft in drafts:  # refuse the whole batch before changing anything
+            for user_id in (draft.sender_id, draft.receiver_id):
+                if not -(2**63) <= user_id < 2**63:
+                    raise OverflowError(f"user id {user_id} does not fit in 64 bits")
+        created_at = now()
+        results = []
+        for draft in drafts:
+            key = None if draft.client_id is None else (draft.sender_id, draft.client_id)
+            stored = None if key is None else self._by_client_id.get(key)
             if stored is not None:
-                return self._messages[stored.id - 1], False
-        message = Message(
-            id=len(self._messages) + 1,
-            content=draft.content,
-            sender_id=draft.sender_id,
-            receiver_id=draft.receiver_id,
-            created_at=now(),
-            client_id=draft.client_id,
-        )
-        self._messages.append(message)
-        if draft.client_id is not None:
-            self._by_client_id[(draft.sender_id, draft.client_id)] = message
-        return message, True
+                results.append((self._messages[stored - 1], False))
+                continue
+            message = Message(
+                id=len(self._messages) + 1,
+                content=draft.content,
+                sender_id=draft.sender_id,
+                receiver_id=draft.receiver_id,
+                created_at=created_at,
+                client_id=draft.client_id,
+            )
+            self._messages.append(message)
+            if key is not None:
+                self._by_client_id[key] = message.id
+            results.append((message, True))
+        return results
 
     async def find(self, sender_id: int, client_id: str) -> Message | None:
         stored = self._by_client_id.get((sender_id, client_id))
-        return None if stored is None else self._messages[stored.id - 1]
+        return None if stored is None else self._messages[stored - 1]
 
     async def since(self, user_id: int, after_id: int, limit: int) -> list[Message]:
         page = []

@@ -1,7 +1,8 @@
 """SQLite, the embedded default store (stdlib ``sqlite3``).
 
 Every call runs in a worker thread, so the event loop never blocks on disk:
-one connection writes (transactions serialized, ``BEGIN IMMEDIATE``) and one
+one long-lived connection writes (``BEGIN IMMEDIATE``; the hub hands it whole
+batches, so one transaction and one thread hop serve many messages) and one
 reads (WAL lets reads run beside writes). Ids come from ``AUTOINCREMENT``
 under that single writer, so they grow strictly in commit order, also across
 processes sharing the file.
@@ -11,9 +12,10 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -27,6 +29,7 @@ __all__ = ["SQLiteStore"]
 T = TypeVar("T")
 
 SCHEMA = """
+BEGIN IMMEDIATE;
 CREATE TABLE IF NOT EXISTS messages (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
     sender_id   INTEGER NOT NULL,
@@ -41,10 +44,18 @@ CREATE INDEX IF NOT EXISTS messages_by_pair     ON messages (sender_id, receiver
 CREATE INDEX IF NOT EXISTS messages_by_receiver ON messages (receiver_id, id);
 CREATE INDEX IF NOT EXISTS messages_unread      ON messages (receiver_id, sender_id)
     WHERE is_read = 0;
+COMMIT;
 """
 
 COLUMNS = "id, content, sender_id, receiver_id, created_at, is_read, client_id"
 Row = tuple[int, str, int, int, int, int, "str | None"]
+INSERT = (
+    "INSERT INTO messages (sender_id, receiver_id, content, created_at, client_id)"
+    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (sender_id, client_id) DO NOTHING"
+)
+BY_CLIENT_ID = f"SELECT {COLUMNS} FROM messages WHERE sender_id = ? AND client_id = ?"
+#: How long a connection waits for another one's lock (also another process's).
+BUSY_TIMEOUT = 30.0
 
 
 def _message(row: Row) -> Message:
@@ -54,10 +65,31 @@ def _message(row: Row) -> Message:
 
 
 class SQLiteStore:
-    """Messages in a SQLite file (or ``":memory:"``), created on first use."""
+    """Messages in a SQLite file (or ``":memory:"``), created on first use.
 
-    def __init__(self, path: str | os.PathLike[str] = "pmhub.db") -> None:
+    ``synchronous`` is how far a confirmed message is durable (SQLite's
+    ``PRAGMA synchronous`` in WAL mode):
+
+    * ``"full"`` (the default): every commit is flushed to disk (fsync)
+      before the hub confirms it, so a confirmed message survives a process
+      kill, an OS crash and a power loss. Group commit makes this one fsync
+      per batch, not per message.
+    * ``"normal"``: commits reach the OS but are flushed only at checkpoints:
+      a confirmed message survives a process kill (``kill -9``), but the last
+      commits before an OS crash or a power loss may be lost. Faster on disks
+      with slow flushes.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] = "pmhub.db",
+        *,
+        synchronous: Literal["full", "normal"] = "full",
+    ) -> None:
+        if synchronous not in ("full", "normal"):
+            raise ValueError(f"synchronous must be 'full' or 'normal', got {synchronous!r}")
         self.path = os.fspath(path)
+        self.synchronous = synchronous
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
         self._write_limiter = anyio.CapacityLimiter(1)
@@ -65,12 +97,11 @@ class SQLiteStore:
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(
-            self.path, check_same_thread=False, isolation_level=None, timeout=30.0
+            self.path, check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT
         )
-        conn.execute("PRAGMA busy_timeout = 30000")
         if self.path != ":memory:":
-            conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = NORMAL")
+            _enable_wal(conn)
+        conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
         return conn
 
     def _open_writer(self) -> sqlite3.Connection:
@@ -109,45 +140,42 @@ class SQLiteStore:
 
         return await anyio.to_thread.run_sync(run, limiter=self._read_limiter)
 
-    async def save(self, draft: Draft) -> tuple[Message, bool]:
-        def work(conn: sqlite3.Connection) -> tuple[Message, bool]:
+    async def save_many(self, drafts: Sequence[Draft]) -> list[tuple[Message, bool]]:
+        def work(conn: sqlite3.Connection) -> list[tuple[Message, bool]]:
             created_at = now()
-            cursor = conn.execute(
-                "INSERT INTO messages (sender_id, receiver_id, content, created_at, client_id)"
-                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (sender_id, client_id) DO NOTHING",
-                (
+            millis = int(created_at.timestamp() * 1000)
+            cursor = conn.cursor()
+            results = []
+            for draft in drafts:
+                params = (
                     draft.sender_id,
                     draft.receiver_id,
                     draft.content,
-                    int(created_at.timestamp() * 1000),
-                    draft.client_id,
-                ),
-            )
-            if cursor.rowcount == 1 and cursor.lastrowid is not None:
-                message = Message(
-                    cursor.lastrowid,
-                    draft.content,
-                    draft.sender_id,
-                    draft.receiver_id,
-                    created_at,
-                    False,
+                    millis,
                     draft.client_id,
                 )
-                return message, True
-            row = conn.execute(
-                f"SELECT {COLUMNS} FROM messages WHERE sender_id = ? AND client_id = ?",
-                (draft.sender_id, draft.client_id),
-            ).fetchone()
-            return _message(row), False
+                cursor.execute(INSERT, params)
+                if cursor.rowcount == 1 and cursor.lastrowid is not None:
+                    message = Message(
+                        cursor.lastrowid,
+                        draft.content,
+                        draft.sender_id,
+                        draft.receiver_id,
+                        created_at,
+                        False,
+                        draft.client_id,
+                    )
+                    results.append((message, True))
+                else:  # a resend: the first write wins
+                    row = cursor.execute(BY_CLIENT_ID, (draft.sender_id, draft.client_id))
+                    results.append((_message(row.fetchone()), False))
+            return results
 
         return await self._write(work)
 
     async def find(self, sender_id: int, client_id: str) -> Message | None:
         def work(conn: sqlite3.Connection) -> Message | None:
-            row = conn.execute(
-                f"SELECT {COLUMNS} FROM messages WHERE sender_id = ? AND client_id = ?",
-                (sender_id, client_id),
-            ).fetchone()
+            row = conn.execute(BY_CLIENT_ID, (sender_id, client_id)).fetchone()
             return None if row is None else _message(row)
 
         return await self._read(work)
@@ -240,3 +268,22 @@ class SQLiteStore:
 
         async with self._write_limiter, self._read_limiter:
             await anyio.to_thread.run_sync(close)
+
+
+def _enable_wal(conn: sqlite3.Connection) -> None:
+    """Switch the file to WAL (a no-op once it is; the mode is kept in the file).
+
+    The switch needs an exclusive lock, and SQLite does not call the busy
+    handler for it: a second connection that opens a fresh file while the
+    first one switches it gets ``database is locked`` at once instead of
+    waiting. So wait here, as the busy timeout would.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)

@@ -1,0 +1,125 @@
+"""Group commit: every message a hub stores goes through one writer task.
+
+Sends from all connections join the open batch. The writer takes the whole
+batch, stores it with one :meth:`~pmhub.store.MessageStore.save_many` (one
+transaction, one flush), publishes the new messages in id order, and only
+then wakes the senders, so persist-before-confirm holds for each of them.
+Whatever arrives while a batch commits forms the next one: under load a
+commit serves many messages, and at low load a message commits alone at
+once, with no batching delay.
+
+The open batch is bounded (``max_batch``); a sender that finds it full waits
+for the writer to take it, which holds back that connection and no other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+
+import anyio
+from anyio.abc import TaskStatus
+
+from .errors import BackendError
+from .frames import Message
+from .store import Draft
+
+__all__ = ["Sequencer"]
+
+Saved = tuple[Message, bool]
+
+
+class _Batch:
+    """Drafts committed together; ``done`` is set once they are stored and
+    published (``results``) or failed (``error``)."""
+
+    __slots__ = ("done", "drafts", "error", "results")
+
+    def __init__(self) -> None:
+        self.drafts: list[Draft] = []
+        self.results: list[Saved] = []
+        self.error: BaseException | None = None
+        self.done = anyio.Event()
+
+
+class Sequencer:
+    """Commits sends in batches, then publishes them in id order.
+
+    ``save`` stores a batch in one transaction; ``publish`` fans out one
+    newly created message. Run :meth:`run` in a task group; :meth:`submit`
+    from any task.
+    """
+
+    def __init__(
+        self,
+        save: Callable[[Sequence[Draft]], Awaitable[list[Saved]]],
+        publish: Callable[[Message], Awaitable[None]],
+        *,
+        max_batch: int,
+    ) -> None:
+        self._save = save
+        self._publish = publish
+        self._max_batch = max_batch
+        self._open = _Batch()
+        self._pending = anyio.Event()  # set when the open batch has drafts
+        self._taken = anyio.Event()  # set when the writer takes the open batch
+        self._closed = False
+        self._stopped = anyio.Event()
+
+    async def submit(self, draft: Draft) -> Saved:
+        """Store ``draft`` in the next batch; return the stored message and
+        whether it was created. Raises :class:`~pmhub.errors.BackendError` if
+        its batch failed (none of the batch was stored) or the writer stopped."""
+        while len(self._open.drafts) >= self._max_batch and not self._closed:
+            await self._taken.wait()
+        if self._closed:
+            raise BackendError("the hub is shutting down: nothing was stored")
+        batch = self._open
+        index = len(batch.drafts)
+        batch.drafts.append(draft)
+        self._pending.set()
+        await batch.done.wait()
+        if batch.error is not None:
+            raise BackendError(f"the batch was not stored: {batch.error}") from batch.error
+        return batch.results[index]
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Commit batches until :meth:`close` (or cancellation)."""
+        task_status.started()
+        batch: _Batch | None = None
+        try:
+            while True:
+                if not self._open.drafts:
+                    if self._closed:
+                        return
+                    await self._pending.wait()
+                    self._pending = anyio.Event()
+                    continue
+                batch, self._open = self._open, _Batch()
+                self._taken.set()
+                self._taken = anyio.Event()
+                try:
+                    batch.results = await self._save(batch.drafts)
+                    for message, created in batch.results:
+                        if created:
+                            await self._publish(message)
+                except Exception as exc:
+                    batch.error = exc
+                batch.done.set()
+                batch = None
+        finally:
+            self._closed = True
+            stopped = BackendError("the hub stopped before the batch was stored")
+            for unfinished in (batch, self._open):
+                if unfinished is not None and not unfinished.done.is_set():
+                    unfinished.error = stopped
+                    unfinished.done.set()
+            self._taken.set()
+            self._stopped.set()
+
+    async def aclose(self) -> None:
+        """Refuse new sends, and wait until :meth:`run` has committed what was
+        submitted before and returned."""
+        self._closed = True
+        self._pending.set()
+        self._taken.set()
+        await self._stopped.wait()
