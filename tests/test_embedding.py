@@ -28,7 +28,7 @@ from docblocks import load_example
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
-from pmhub import Identity, Request, Unauthenticated
+from pmhub import ContactPolicy, Identity, Request, Unauthenticated
 
 SECRET = "test secret, long enough for HMAC"
 TIMEOUT = 5.0
@@ -239,5 +239,8 @@ def test_policy_example(tmp_path: Path) -> None:
         assert await policy.may_converse(1, 2) and await policy.may_converse(2, 1)  # symmetric
         assert not await policy.may_converse(1, 3)
         assert not await policy.may_converse(1, 1)
+        assert list(await policy.contacts(1)) == [2] and list(await policy.contacts(2)) == [1]
+        assert list(await policy.contacts(3)) == []
+        assert isinstance(policy, ContactPolicy)  # so presence costs O(contacts)
 
     anyio.run(check)

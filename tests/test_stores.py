@@ -187,3 +187,31 @@ async def test_sqlite_store_can_be_closed_twice_and_unused(tmp_path: Path) -> No
     await store.aclose()
     await store.aclose()
     assert not (tmp_path / "never.db").exists()
+
+
+@pytest.mark.parametrize(("synchronous", "pragma"), [("full", 2), ("normal", 1)])
+async def test_sqlite_durability_is_the_synchronous_setting(
+    synchronous: str, pragma: int, tmp_path: Path
+) -> None:
+    store = SQLiteStore(tmp_path / "d.db", synchronous=synchronous)  # type: ignore[arg-type]
+    try:
+        await save(store, Draft(1, 2, "x"))
+        assert store._writer is not None
+        assert store._writer.execute("PRAGMA synchronous").fetchone()[0] == pragma
+    finally:
+        await store.aclose()
+
+
+def test_sqlite_durability_defaults_to_full_and_refuses_unknown_settings() -> None:
+    assert SQLiteStore(":memory:").synchronous == "full"
+    with pytest.raises(ValueError, match="'full' or 'normal'"):
+        SQLiteStore(":memory:", synchronous="off")  # type: ignore[arg-type]
+
+
+async def test_sqlite_a_failed_batch_rolls_back_and_the_next_one_commits(tmp_path: Path) -> None:
+    async with sqlite(tmp_path / "b.db") as store:
+        with pytest.raises(OverflowError):
+            await store.save_many([Draft(1, 2, "kept?", "k"), Draft(2**63, 2, "too big")])
+        assert await store.since(2, 0, 10) == []
+        [(message, created)] = await store.save_many([Draft(1, 2, "kept", "k")])
+        assert created and await store.since(2, 0, 10) == [message]

@@ -108,6 +108,7 @@ class Hub:
         self._welcome = Outgoing.of(System(welcome))  # encoded once, shared by every client
         self._clock = clock
         self._clients: dict[int, dict[str, Client]] = {}
+        self._connection_count = 0
         self._message_buckets: dict[int, TokenBucket] = {}
         self._typing_buckets: dict[int, TokenBucket] = {}
         self._typing = TypingTimers(self.limits.typing_timeout)
@@ -217,8 +218,7 @@ class Hub:
                 else:
                     # Registered before the snapshot is taken, so a presence change
                     # that happens meanwhile reaches it live (after the snapshot).
-                    self._clients.setdefault(user_id, {})[client.id] = client
-                    self._count_connections()
+                    self._register(client)
                     contacts = await self._presence.online_contacts(user_id)
                     client.prepend(
                         [self._welcome, *(presence_frame(other, True) for other in contacts)]
@@ -236,16 +236,22 @@ class Hub:
                 async with self._presence.changing(user_id):
                     await self._leave(client)
 
+    def _register(self, client: Client) -> None:
+        self._clients.setdefault(client.user_id, {})[client.id] = client
+        self._connection_count += 1
+        self._count_connections()
+
     async def _leave(self, client: Client) -> None:
         user_id = client.user_id
         clients = self._clients.get(user_id, {})
-        clients.pop(client.id, None)
+        if clients.pop(client.id, None) is not None:
+            self._connection_count -= 1
+            self._count_connections()
         if not clients:
             self._clients.pop(user_id, None)
             if not self._clients:
                 self._idle.set()
                 self._idle = anyio.Event()
-        self._count_connections()
         if await self.broker.leave(user_id) == 0:
             for recipient in self._typing.stop_user(user_id):
                 await self._publish_frame([recipient], TypingIndicator(user_id, recipient, False))
@@ -257,13 +263,13 @@ class Hub:
             await self.broker.publish(Deliver(viewers, presence_frame(user_id, online).data))
 
     def _count_connections(self) -> None:
-        self.metrics.connections(self.connection_count)
+        self.metrics.connections(self._connection_count)
         self.metrics.users_online(len(self._clients))
 
     @property
     def connection_count(self) -> int:
         """How many connections this hub holds."""
-        return sum(len(clients) for clients in self._clients.values())
+        return self._connection_count
 
     def clients(self, user_id: int) -> list[Client]:
         """The connections ``user_id`` has open on this hub."""
@@ -493,13 +499,17 @@ class Hub:
                 outgoing = Outgoing(data, message_id)
                 count = 0
                 for user_id in dict.fromkeys(user_ids):
-                    for client in self.clients(user_id):
+                    clients = self._clients.get(user_id)
+                    if clients is None:
+                        continue
+                    for client in clients.values():
                         if client.id != exclude and self._push(client, outgoing):
                             count += 1
-                self.metrics.frames_out(count)
+                if count:
+                    self.metrics.frames_out(count)
             case Revoke(session_id=session_id):
                 for clients in list(self._clients.values()):
-                    for client in list(clients.values()):
+                    for client in clients.values():
                         if client.identity.session_id == session_id:
                             client.close(CLOSE_POLICY_VIOLATION, "session logged out")
 

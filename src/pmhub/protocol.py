@@ -50,6 +50,8 @@ class Close:
 class ConnectionProtocol:
     """Decides what one inbound WebSocket message means for its connection."""
 
+    __slots__ = ("invalid_in_a_row", "limits")
+
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
         #: ``invalid_frame`` errors in a row; any valid frame resets it.
