@@ -5,15 +5,27 @@ message, marks messages read, syncs) and the model predicts exactly which
 frames every open device gets; invariants check the store, per-device order
 and presence after every step. The hub runs in a private event loop, driven
 through a blocking portal.
+
+:class:`TwoHubMachine` runs two hubs on one store, joined by a broker that
+holds events bound for the other node in per-(origin, destination) queues and
+delivers them when hypothesis says so: across nodes messages arrive late and
+out of id order, and the invariants check that none is lost or repeated.
 """
 
 from __future__ import annotations
 
 import json
+import random
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
+import anyio
+import anyio.lowlevel
+import pytest
+from anyio.abc import TaskStatus
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -21,12 +33,16 @@ from hypothesis.stateful import (
     Bundle,
     RuleBasedStateMachine,
     consumes,
+    initialize,
     invariant,
+    multiple,
     rule,
 )
 
-from pmhub import Hub, Identity, Limits, MemoryStore, Message, StaticPolicy
+from pmhub import Hub, Identity, Limits, MemoryStore, Message, Rejected, StaticPolicy
+from pmhub.broker import Deliver, Deliverer, Event
 from pmhub.client import Client
+from pmhub.store import Draft
 
 USERS = [1, 2, 3, 4]
 RESTRICTED, ONLY_PEER = 4, 3  # the demo: user 4 converses only with user 3
@@ -36,6 +52,7 @@ WELCOME = "welcome"
 Frame = dict[str, Any]
 # What the model expects a device to get: a kind ("live", "replay" or "other") and a frame.
 Expected = tuple[str, Frame]
+T = TypeVar("T")
 
 
 def may_converse(user: int, peer: int) -> bool:
@@ -355,3 +372,540 @@ HubMachine.TestCase.settings = settings(max_examples=30, stateful_step_count=30,
 TrioHubMachine.TestCase.settings = HubMachine.TestCase.settings
 TestHubModelAsyncio = HubMachine.TestCase
 TestHubModelTrio = TrioHubMachine.TestCase
+
+
+# -- two hubs, one store, a broker that delays and reorders ------------------------------------
+
+NODES = ("a", "b")
+PAIRS = [(origin, dest) for origin in NODES for dest in NODES if origin != dest]
+KEYS = ["k1", "k2", "k3"]
+
+
+class Network:
+    """The bus the brokers of every node share.
+
+    It counts connections per user across nodes (like :class:`InProcessBroker`)
+    and carries events: an event reaches its own node at once, and every other
+    node through a FIFO queue per (origin, destination) that the test flushes
+    when hypothesis says so. So events from one origin arrive everywhere in
+    publish order, while deliveries from different origins interleave in any
+    order.
+    """
+
+    def __init__(self) -> None:
+        self.connections: Counter[int] = Counter()
+        self.deliverers: dict[str, Deliverer] = {}
+        self.queues: dict[tuple[str, str], deque[Event]] = {pair: deque() for pair in PAIRS}
+
+    def broker(self, node: str) -> DelayingBroker:
+        return DelayingBroker(self, node)
+
+    def in_flight(self, dest: str) -> list[Event]:
+        return [event for (_, to), queue in self.queues.items() if to == dest for event in queue]
+
+    async def deliver(self, origin: str, dest: str, count: int) -> None:
+        """Hand up to ``count`` queued events from ``origin`` to ``dest``, in order."""
+        queue = self.queues[(origin, dest)]
+        for _ in range(count):
+            if not queue:
+                return
+            event = queue.popleft()
+            await anyio.lowlevel.checkpoint()  # a real bus is a network away
+            deliver = self.deliverers.get(dest)
+            if deliver is not None:
+                await deliver(event)
+
+
+class DelayingBroker:
+    """One node's handle on the :class:`Network` (implements :class:`pmhub.Broker`)."""
+
+    def __init__(self, network: Network, node: str) -> None:
+        self.network = network
+        self.node = node
+
+    async def run(
+        self, deliver: Deliverer, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        self.network.deliverers[self.node] = deliver
+        try:
+            task_status.started()
+            await anyio.sleep_forever()
+        finally:
+            del self.network.deliverers[self.node]
+
+    async def publish(self, event: Event) -> None:
+        # Queue, never wait for delivery: the sequencer awaits this inside send_message.
+        await anyio.lowlevel.checkpoint()
+        for dest, deliver in list(self.network.deliverers.items()):
+            if dest == self.node:
+                await deliver(event)  # through one node: no cross-node queue
+            else:
+                self.network.queues[(self.node, dest)].append(event)
+
+    async def join(self, user_id: int) -> int:
+        await anyio.lowlevel.checkpoint()
+        self.network.connections[user_id] += 1
+        return self.network.connections[user_id]
+
+    async def leave(self, user_id: int) -> int:
+        await anyio.lowlevel.checkpoint()
+        count = self.network.connections[user_id]
+        assert count > 0, f"leave({user_id}) without a matching join()"
+        self.network.connections[user_id] = count - 1
+        if count == 1:
+            del self.network.connections[user_id]
+        return count - 1
+
+    async def online(self, user_ids: Iterable[int] | None = None) -> set[int]:
+        await anyio.lowlevel.checkpoint()
+        if user_ids is None:
+            return set(self.network.connections)
+        return {user for user in user_ids if user in self.network.connections}
+
+    async def ping(self) -> None:
+        return None
+
+
+class YieldingStore(MemoryStore):
+    """A MemoryStore whose commits take a moment, so sends pile up into batches
+    and the two hubs' writers interleave on the one store."""
+
+    async def save_many(self, drafts: Sequence[Draft]) -> list[tuple[Message, bool]]:
+        await anyio.lowlevel.checkpoint()
+        return await super().save_many(drafts)
+
+
+@dataclass
+class Sent:
+    """A confirmed message, as the model knows it."""
+
+    id: int
+    sender: int
+    recipient: int
+    content: str
+    client_id: str | None
+    node: str  # the hub that committed and published it
+
+
+@dataclass(eq=False)
+class NodeDevice:
+    user: int
+    node: str
+    client: Client
+    context: AbstractContextManager[Client]
+    #: The highest message id when it connected: it must get every later one of its user …
+    joined_after: int
+    #: … and may also get those still in flight to its node when it connected.
+    may_get: set[int]
+    live: list[int] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        return f"NodeDevice(user={self.user}, node={self.node}, client={self.client.id})"
+
+
+class TwoHubMachine(RuleBasedStateMachine):
+    """Two hubs on one MemoryStore, joined by a broker that delays and reorders."""
+
+    backend = "asyncio"
+    devices = Bundle("node_devices")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._portal_context = start_blocking_portal(self.backend)
+        self.portal: BlockingPortal = self._portal_context.__enter__()
+        self.store = YieldingStore()
+        self.network = Network()
+        self.hubs: dict[str, Hub] = {}
+        self._hub_contexts: list[AbstractContextManager[Hub]] = []
+        for node in NODES:
+            hub = self.portal.call(self._make_hub, node)
+            context = self.portal.wrap_async_context_manager(hub)
+            context.__enter__()
+            self.hubs[node] = hub
+            self._hub_contexts.append(context)
+        self.sent: dict[int, Sent] = {}
+        self.keys: dict[tuple[int, str], int] = {}
+        self.open: list[NodeDevice] = []
+        self.counter = 0
+
+    async def _make_hub(self, node: str) -> Hub:
+        policy = StaticPolicy(USERS, only={RESTRICTED: {ONLY_PEER}})
+        limits = Limits(message_burst=10_000)
+        broker = self.network.broker(node)
+        return Hub(self.store, policy, broker=broker, limits=limits, welcome=WELCOME)
+
+    def teardown(self) -> None:
+        try:
+            for device in reversed(self.open):
+                device.context.__exit__(None, None, None)
+            for context in reversed(self._hub_contexts):
+                context.__exit__(None, None, None)
+        finally:
+            self._portal_context.__exit__(None, None, None)
+
+    # -- the model ------------------------------------------------------------------------
+
+    def online(self) -> set[int]:
+        return {device.user for device in self.open}
+
+    def last_id(self) -> int:
+        return max(self.sent, default=0)
+
+    def pending_ids(self, node: str, user: int) -> set[int]:
+        """Ids of ``user``'s messages whose event is still queued to ``node``."""
+        return {
+            event.message_id
+            for event in self.network.in_flight(node)
+            if isinstance(event, Deliver) and event.message_id is not None
+            if user in event.user_ids
+        }
+
+    def required(self, device: NodeDevice) -> set[int]:
+        return {
+            m.id
+            for m in self.sent.values()
+            if m.id > device.joined_after and device.user in (m.sender, m.recipient)
+        }
+
+    def collect(self, replays: dict[NodeDevice, int] | None = None) -> None:
+        """Drain every open device and check each frame: its private messages are
+        filed as live (or as the one replay ``replays`` names), presence goes to
+        contacts only, and nothing else arrives."""
+
+        async def drain() -> list[list[Frame]]:
+            got = []
+            for device in self.open:
+                frames = []
+                while device.client._queue:
+                    outgoing = await device.client.next_frame()
+                    assert outgoing is not None
+                    frames.append(json.loads(outgoing.data))
+                got.append(frames)
+            return got
+
+        replays = dict(replays or {})
+        for device, frames in zip(self.open, self.portal.call(drain), strict=True):
+            assert device.client.close_code is None, (device, device.client.close_reason)
+            for frame in frames:
+                if frame["type"] == "private_message":
+                    message = frame["message"]
+                    want = self.sent.get(message["id"])
+                    assert want is not None, f"{device} got unconfirmed message {message}"
+                    assert (
+                        message["sender_id"],
+                        message["receiver_id"],
+                        message["content"],
+                        message["client_id"],
+                    ) == (want.sender, want.recipient, want.content, want.client_id)
+                    assert device.user in (want.sender, want.recipient), (device, message)
+                    if replays.get(device) == message["id"]:
+                        del replays[device]
+                    else:
+                        device.live.append(message["id"])
+                elif frame["type"] == "user_online_status":
+                    # presence never leaks to strangers
+                    assert may_converse(device.user, frame["user_id"]), (device, frame)
+                else:
+                    raise AssertionError(f"{device} got an unexpected frame {frame}")
+        assert not replays, f"resends were not answered: {replays}"
+
+    async def _send(
+        self,
+        sender: int,
+        node: str,
+        recipient: int,
+        content: str,
+        client_id: str | None,
+        origin: Client | None,
+    ) -> tuple[Message, bool] | str:
+        try:
+            return await self.hubs[node].send_message(
+                sender, recipient, content, client_id, origin=origin
+            )
+        except Rejected as exc:
+            return exc.code
+
+    def check_same_node(self, message_id: int) -> None:
+        """Through one node a message needs no queue: its node's devices have it at once."""
+        m = self.sent[message_id]
+        for device in self.open:
+            if device.node == m.node and device.user in (m.sender, m.recipient):
+                assert message_id in device.live, (device, m)
+
+    # -- rules ----------------------------------------------------------------------------
+
+    @initialize(target=devices, first=st.sampled_from(USERS), second=st.sampled_from(USERS))
+    def one_device_on_each_node(self, first: int, second: int) -> Any:
+        return multiple(self.connect(first, "a", None), self.connect(second, "b", None))
+
+    @rule(
+        target=devices,
+        user=st.sampled_from(USERS),
+        node=st.sampled_from(NODES),
+        during=st.none() | st.tuples(st.sampled_from(PAIRS), st.integers(1, 4)),
+    )
+    def connect(
+        self, user: int, node: str, during: tuple[tuple[str, str], int] | None
+    ) -> NodeDevice:
+        snapshot = [presence(u, True) for u in sorted(self.online()) if may_converse(user, u)]
+        may_get = self.pending_ids(node, user)
+        joined_after = self.last_id()
+        context = self.portal.wrap_async_context_manager(self.hubs[node].connect(Identity(user)))
+        if during is None:
+            client = context.__enter__()
+        else:  # deliveries race the connection's setup
+            (origin, dest), count = during
+            delivering = self.portal.start_task_soon(self.network.deliver, origin, dest, count)
+            client = context.__enter__()
+            delivering.result()
+        device = NodeDevice(user, node, client, context, joined_after, may_get)
+
+        async def first_frames() -> list[Frame]:
+            frames = []
+            while client._queue:
+                outgoing = await client.next_frame()
+                assert outgoing is not None
+                frames.append(json.loads(outgoing.data))
+            return frames
+
+        frames = self.portal.call(first_frames)
+        assert frames[0] == {"type": "system", "message": WELCOME}, frames  # always first
+        if during is None:
+            assert frames == [frames[0], *snapshot], frames
+        for frame in frames[1:]:
+            if frame["type"] == "private_message":
+                assert frame["message"]["id"] in may_get, (device, frame)
+                device.live.append(frame["message"]["id"])
+            else:
+                assert frame["type"] == "user_online_status", frame
+                assert may_converse(user, frame["user_id"]), frame
+        self.open.append(device)
+        self.collect()
+        return device
+
+    @rule(device=consumes(devices))
+    def disconnect(self, device: NodeDevice) -> None:
+        device.context.__exit__(None, None, None)
+        self.open.remove(device)
+        self.collect()
+
+    @rule(
+        device=devices,
+        recipient=st.sampled_from(USERS),
+        content=st.sampled_from(["hi", "yo", " ", "\u2028x"]),
+        client_id=st.none() | st.sampled_from(KEYS),
+    )
+    def send(self, device: NodeDevice, recipient: int, content: str, client_id: str | None) -> None:
+        result = self.portal.call(
+            self._send, device.user, device.node, recipient, content, client_id, device.client
+        )
+        stored = self.keys.get((device.user, client_id)) if client_id is not None else None
+        if stored is not None:  # a resend: the stored message, to this device only
+            assert not isinstance(result, str), result
+            assert result[0].id == stored and not result[1], result
+            self.collect({device: stored})
+            return
+        if not content.strip():
+            assert result == "too_long"
+        elif not may_converse(device.user, recipient):
+            assert result == "forbidden"
+        else:
+            assert not isinstance(result, str), result
+            message, created = result
+            assert created and message.id > self.last_id(), (message, self.last_id())
+            self.sent[message.id] = Sent(
+                message.id, device.user, recipient, content, client_id, device.node
+            )
+            if client_id is not None:
+                self.keys[(device.user, client_id)] = message.id
+            self.collect()
+            self.check_same_node(message.id)
+            return
+        self.collect()
+
+    @rule(
+        sends=st.lists(
+            st.tuples(devices, st.integers(0, 9), st.none() | st.sampled_from(KEYS)),
+            min_size=2,
+            max_size=6,
+        )
+    )
+    def burst(self, sends: list[tuple[NodeDevice, int, str | None]]) -> None:
+        """Concurrent sends from devices on both hubs: batches form and interleave."""
+        plan = []
+        for device, pick, client_id in sends:
+            peers = [u for u in USERS if may_converse(device.user, u)]
+            self.counter += 1
+            plan.append((device, peers[pick % len(peers)], f"b{self.counter}", client_id))
+
+        async def run() -> list[tuple[Message, bool] | str]:
+            results: list[tuple[Message, bool] | str] = [""] * len(plan)
+
+            async def one(i: int) -> None:
+                device, recipient, content, client_id = plan[i]
+                # origin=None: answered like HTTP, so no replay frame to tell apart
+                results[i] = await self._send(
+                    device.user, device.node, recipient, content, client_id, None
+                )
+
+            async with anyio.create_task_group() as tg:
+                for i in range(len(plan)):
+                    tg.start_soon(one, i)
+            return results
+
+        before = self.last_id()
+        results = self.portal.call(run)
+        new: list[int] = []
+        for (device, recipient, content, client_id), result in zip(plan, results, strict=True):
+            assert not isinstance(result, str), result
+            message, created = result
+            key = (device.user, client_id) if client_id is not None else None
+            if created:
+                assert message.id > before and message.id not in self.sent, message
+                assert key is None or key not in self.keys, f"{key} stored twice"
+                self.sent[message.id] = Sent(
+                    message.id, device.user, recipient, content, client_id, device.node
+                )
+                if key is not None:
+                    self.keys[key] = message.id
+                new.append(message.id)
+        for (device, _, _, client_id), result in zip(plan, results, strict=True):
+            assert not isinstance(result, str)
+            message = result[0]
+            if client_id is not None:  # every send of one key got the one stored message
+                stored = self.keys[(device.user, client_id)]
+                assert message.id == stored, (message, stored)
+                want = self.sent[stored]
+                assert message.content == want.content
+        self.collect()
+        for message_id in new:
+            self.check_same_node(message_id)
+
+    @rule(pick=st.integers(0, len(PAIRS) - 1), count=st.integers(1, 4))
+    def deliver_some(self, pick: int, count: int) -> None:
+        """Deliver the next few events of one (origin, destination) queue."""
+        busy = [pair for pair, queue in self.network.queues.items() if queue]
+        if busy:
+            self.portal.call(self.network.deliver, *busy[pick % len(busy)], count)
+            self.collect()
+
+    @rule(rnd=st.randoms(use_true_random=False))
+    def flush_all(self, rnd: random.Random) -> None:
+        """Empty every queue, interleaving the origins in an order hypothesis picks."""
+
+        async def flush() -> None:
+            while busy := [pair for pair, queue in self.network.queues.items() if queue]:
+                await self.network.deliver(*rnd.choice(busy), rnd.randint(1, 3))
+
+        self.portal.call(flush)
+        self.collect()
+        for device in self.open:
+            required = self.required(device)
+            got = set(device.live)
+            assert required <= got, (device, "lost", sorted(required - got))
+            assert got - required <= device.may_get, (device, "extra", sorted(got - required))
+
+    # -- invariants -----------------------------------------------------------------------
+
+    @invariant()
+    def live_messages_arrive_once_and_are_never_lost(self) -> None:
+        for device in self.open:
+            assert len(device.live) == len(set(device.live)), (device, device.live)
+            required = self.required(device)
+            got = set(device.live)
+            assert got <= required | device.may_get, (device, sorted(got - required))
+            missing = required - got
+            # What has not arrived yet is still on its way to the device's node.
+            assert missing <= self.pending_ids(device.node, device.user), (device, missing)
+
+    @invariant()
+    def through_one_node_ids_arrive_in_order(self) -> None:
+        for device in self.open:
+            for node in NODES:
+                ids = [i for i in device.live if self.sent[i].node == node]
+                assert ids == sorted(ids), (device, node, device.live)
+
+    @invariant()
+    def every_confirmed_message_is_stored_once_in_id_order(self) -> None:
+        async def everything() -> list[list[Message]]:
+            return [await self.store.since(user, 0, 10_000) for user in USERS]
+
+        per_user = self.portal.call(everything)
+        stored: dict[int, Message] = {}
+        for user, messages in zip(USERS, per_user, strict=True):
+            ids = [m.id for m in messages]
+            assert ids == sorted(set(ids)), (user, ids)  # strictly increasing
+            for message in messages:
+                assert stored.setdefault(message.id, message) == message
+        assert sorted(stored) == sorted(self.sent), "stored ≠ confirmed"
+        for message in stored.values():
+            want = self.sent[message.id]
+            assert (message.sender_id, message.receiver_id, message.content) == (
+                want.sender,
+                want.recipient,
+                want.content,
+            )
+            assert message.client_id == want.client_id
+        keys = [(m.sender_id, m.client_id) for m in stored.values() if m.client_id is not None]
+        assert len(keys) == len(set(keys))
+
+    @invariant()
+    def connections_are_counted_across_nodes(self) -> None:
+        assert self.network.connections == Counter(device.user for device in self.open)
+
+        def listed() -> dict[str, set[str]]:
+            return {
+                node: {c.id for user in USERS for c in hub.clients(user)}
+                for node, hub in self.hubs.items()
+            }
+
+        assert self.portal.call(_sync_call, listed) == {
+            node: {d.client.id for d in self.open if d.node == node} for node in NODES
+        }
+
+
+async def _sync_call(function: Callable[[], T]) -> T:
+    return function()
+
+
+class TrioTwoHubMachine(TwoHubMachine):
+    backend = "trio"
+
+
+TwoHubMachine.TestCase.settings = settings(max_examples=20, stateful_step_count=30, deadline=None)
+TrioTwoHubMachine.TestCase.settings = TwoHubMachine.TestCase.settings
+TestTwoHubModelAsyncio = TwoHubMachine.TestCase
+TestTwoHubModelTrio = TrioTwoHubMachine.TestCase
+
+
+# -- known issue ----------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.xfail(
+    strict=True,
+    reason="known gap, for the multi-node broker: presence events carry no per-user version,"
+    " so a broker that interleaves two nodes' events (the Broker protocol allows it) can"
+    " leave a contact seeing an online user as offline",
+)
+async def test_cross_node_presence_settles_on_the_truth() -> None:
+    network, store = Network(), MemoryStore()
+    policy = StaticPolicy(USERS, only={RESTRICTED: {ONLY_PEER}})
+    async with (
+        Hub(store, policy, broker=network.broker("a")) as hub_a,
+        Hub(store, policy, broker=network.broker("b")) as hub_b,
+        hub_b.connect(Identity(2)) as viewer,
+    ):
+        async with hub_a.connect(Identity(1)):
+            pass  # user 1 comes online on a and goes offline again: both queued a → b
+        async with hub_b.connect(Identity(1)):  # … then comes online on b (told at once)
+            await network.deliver("a", "b", 10)  # the old news from a arrives late
+            seen = []
+            while viewer._queue:
+                outgoing = await viewer.next_frame()
+                assert outgoing is not None
+                frame = json.loads(outgoing.data)
+                if frame["type"] == "user_online_status" and frame["user_id"] == 1:
+                    seen.append(frame["is_online"])
+            assert await hub_b.broker.online([1]) == {1}
+            assert seen[-1] is True, f"user 1 is online, but the viewer was told {seen}"

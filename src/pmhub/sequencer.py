@@ -14,6 +14,7 @@ for the writer to take it, which holds back that connection and no other.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
@@ -24,6 +25,8 @@ from .frames import Message
 from .store import Draft
 
 __all__ = ["Sequencer"]
+
+logger = logging.getLogger("pmhub")
 
 Saved = tuple[Message, bool]
 
@@ -68,7 +71,8 @@ class Sequencer:
     async def submit(self, draft: Draft) -> Saved:
         """Store ``draft`` in the next batch; return the stored message and
         whether it was created. Raises :class:`~pmhub.errors.BackendError` if
-        its batch failed (none of the batch was stored) or the writer stopped."""
+        its batch failed to commit (none of the batch was stored) or the writer
+        stopped first."""
         while len(self._open.drafts) >= self._max_batch and not self._closed:
             await self._taken.wait()
         if self._closed:
@@ -99,11 +103,10 @@ class Sequencer:
                 self._taken = anyio.Event()
                 try:
                     batch.results = await self._save(batch.drafts)
-                    for message, created in batch.results:
-                        if created:
-                            await self._publish(message)
                 except Exception as exc:
                     batch.error = exc
+                else:
+                    await self._publish_created(batch.results)
                 batch.done.set()
                 batch = None
         finally:
@@ -115,6 +118,16 @@ class Sequencer:
                     unfinished.done.set()
             self._taken.set()
             self._stopped.set()
+
+    async def _publish_created(self, results: list[Saved]) -> None:
+        # Stored is stored: a fan-out that fails (the broker is down, and the hub
+        # stops) does not make the batch fail; recipients get it with ``sync``.
+        for message, created in results:
+            if created:
+                try:
+                    await self._publish(message)
+                except Exception:
+                    logger.exception("message %d is stored but could not be fanned out", message.id)
 
     async def aclose(self) -> None:
         """Refuse new sends, and wait until :meth:`run` has committed what was
