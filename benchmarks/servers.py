@@ -203,13 +203,8 @@ def pmhub_app(
             drafts = [
                 Draft(senders[n % len(senders)], 1, CONTENT, f"pre-{n}") for n in range(preload)
             ]
-            save_many = getattr(target, "save_many", None)  # the store API is changing
             for start in range(0, preload, 500):
-                if save_many is not None:
-                    await save_many(drafts[start : start + 500])
-                else:
-                    for draft in drafts[start : start + 500]:
-                        await target.save(draft)
+                await target.save_many(drafts[start : start + 500])
             if target is not store:
                 await target.aclose()
 

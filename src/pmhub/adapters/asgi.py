@@ -135,22 +135,30 @@ class PmhubApp:
 
     # -- WebSocket ---------------------------------------------------------------------
 
-    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (await receive())["type"] != "websocket.connect":
-            return
+    async def _handshake(self, scope: Scope, send: Send) -> Identity | None:
+        """Who is connecting, or None once the handshake has been refused."""
         request = request_from(scope)
         if not origin_allowed(
             request.headers.get("origin"), request.headers.get("host"), self.allowed_origins
         ):
             await _refuse(scope, send, 403, "forbidden", "this Origin may not connect")
-            return
+            return None
         try:
             identity = await self.authenticator.authenticate(request)
         except Rejected as exc:
             await _refuse(scope, send, exc.status, exc.code, exc.message)
-            return
+            return None
         if not self.hub.running:
             await _refuse(scope, send, 503, "unavailable", "the hub is not running")
+            return None
+        return identity
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (await receive())["type"] != "websocket.connect":
+            return
+        # The request (its headers) is not kept for the life of the connection.
+        identity = await self._handshake(scope, send)
+        if identity is None:
             return
         await send({"type": "websocket.accept"})
         async with self.hub.connect(identity) as client, anyio.create_task_group() as tg:
