@@ -1,7 +1,8 @@
 """The hub, driven without sockets: frames in with ``receive``, frames out of each queue.
 
-Fan-out through the in-process broker happens before ``receive`` returns, so
-after each call every client's queue holds exactly what it was sent.
+A send returns once its draft is queued for the writer; after :func:`committed`
+every client's queue holds exactly what it was sent (fan-out through the
+in-process broker is immediate).
 """
 
 from __future__ import annotations
@@ -76,6 +77,13 @@ async def send(
     if client_id is not None:
         frame["client_id"] = client_id
     await hub.receive(client, json.dumps(frame))
+    await committed()
+
+
+async def committed() -> None:
+    """Wait until the hub's writer has committed and fanned out what was sent
+    (a WebSocket send returns once queued, not once stored)."""
+    await anyio.wait_all_tasks_blocked()
 
 
 async def send_ok(hub: Hub, client: Client, recipient: int, content: str) -> int:
@@ -754,6 +762,7 @@ async def test_store_failure_closes_1011_and_the_hub_keeps_working(
         await drain_all(alice, bob, carol)
         store.failing = True
         await hub.receive(alice, frame)
+        await committed()
         assert alice.close_code == 1011
         assert await drain(bob) == []
         assert "lost" not in caplog.text  # content is never logged

@@ -11,7 +11,9 @@ Rules it keeps:
 * Persist first, fan out second: a message is published only once stored.
 * Every send goes through one :class:`~pmhub.sequencer.Sequencer`: sends are
   committed in batches and published in id order, so through one node each
-  connection sees live messages in id order.
+  connection sees live messages in id order. A WebSocket send does not hold
+  its connection's reader while the batch commits; the confirmation (the
+  sender's copy of the fan-out) follows the commit.
 * Fan-out never awaits a connection: a frame is queued or the connection is
   closed (1013). Bulk replies a client asks for (``sync``, resends) wait for
   room in its own queue. Background work runs in the hub's task group.
@@ -25,6 +27,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
 from types import TracebackType
 from typing import TypeVar
 
@@ -299,11 +302,16 @@ class Hub:
                     self._reply(client, frame)
                 case SendMessage(recipient_id=recipient, content=content, client_id=client_id):
                     try:
-                        await self.send_message(
-                            client.user_id, recipient, content, client_id, origin=client
-                        )
+                        admitted = await self._admit(client.user_id, recipient, content, client_id)
                     except Rejected as exc:
                         self._reply(client, _error(exc, client_id))
+                    else:
+                        if isinstance(admitted, Message):
+                            await self._answer_resend(client, admitted)
+                        else:  # the reader goes on while the batch commits
+                            await self._sequencer.submit_then(
+                                admitted, partial(self._stored, client)
+                            )
                 case SetTyping(recipient_id=recipient, is_typing=is_typing):
                     await self.set_typing(client.user_id, recipient, is_typing)
                 case MarkRead(peer_id=peer, up_to_id=up_to):
@@ -347,6 +355,20 @@ class Hub:
         Raises :class:`~pmhub.errors.Rejected` (``too_long``, ``forbidden``,
         ``rate_limited``).
         """
+        admitted = await self._admit(sender_id, recipient_id, content, client_id)
+        if isinstance(admitted, Message):
+            message, created = admitted, False
+        else:
+            message, created = await self._sequencer.submit(admitted)
+        if not created and origin is not None:
+            await self._answer_resend(origin, message)
+        return message, created
+
+    async def _admit(
+        self, sender_id: int, recipient_id: int, content: str, client_id: str | None
+    ) -> Draft | Message:
+        """The draft to store, or the stored message a resend is answered with;
+        raises :class:`~pmhub.errors.Rejected`."""
         self._check_running()
         self._take_message_token(sender_id)  # a resend too: answering it costs as much
         try:
@@ -361,14 +383,24 @@ class Hub:
             )
             if stored is None:
                 raise
-            message, created = stored, False
-        else:
-            draft = Draft(sender_id, recipient_id, content, client_id)
-            message, created = await self._sequencer.submit(draft)
-        if not created and origin is not None and await origin.wait_for_room():
+            return stored
+        return Draft(sender_id, recipient_id, content, client_id)
+
+    async def _answer_resend(self, client: Client, message: Message) -> None:
+        if await client.wait_for_room():
             frame = PrivateMessage(message.sender_id, message.receiver_id, message)
-            self._push(origin, Outgoing.of(frame), replay=True)
-        return message, created
+            self._push(client, Outgoing.of(frame), replay=True)
+
+    def _stored(self, client: Client, outcome: tuple[Message, bool] | BackendError) -> None:
+        """The outcome of a WebSocket send (the new message itself reached
+        ``client`` through the fan-out)."""
+        if isinstance(outcome, BackendError):
+            logger.error("a message from %r was not stored: %s", client, outcome)
+            client.close(CLOSE_INTERNAL_ERROR, "internal error: send it again")
+        elif not outcome[1]:  # a resend of one stored in the same batch
+            message = outcome[0]
+            frame = PrivateMessage(message.sender_id, message.receiver_id, message)
+            self._push(client, Outgoing.of(frame), replay=True)
 
     def _take_message_token(self, user_id: int) -> None:
         """Count a request against ``user_id``'s message rate, or raise ``rate_limited``."""

@@ -10,6 +10,10 @@ once, with no batching delay.
 
 The open batch is bounded (``max_batch``); a sender that finds it full waits
 for the writer to take it, which holds back that connection and no other.
+:meth:`Sequencer.submit` waits for the outcome (an HTTP request answers with
+it); :meth:`Sequencer.submit_then` returns once the draft is queued, so a
+WebSocket reader goes on to its next frame while the batch commits, and the
+writer reports the outcome.
 """
 
 from __future__ import annotations
@@ -29,19 +33,30 @@ __all__ = ["Sequencer"]
 logger = logging.getLogger("pmhub")
 
 Saved = tuple[Message, bool]
+#: Called by the writer task with a draft's outcome: stored, or why not.
+Then = Callable[[Saved | BackendError], None]
 
 
 class _Batch:
     """Drafts committed together; ``done`` is set once they are stored and
     published (``results``) or failed (``error``)."""
 
-    __slots__ = ("done", "drafts", "error", "results")
+    __slots__ = ("done", "drafts", "error", "results", "thens")
 
     def __init__(self) -> None:
         self.drafts: list[Draft] = []
         self.results: list[Saved] = []
-        self.error: BaseException | None = None
+        self.error: BackendError | None = None
         self.done = anyio.Event()
+        self.thens: list[tuple[int, Then]] = []
+
+    def outcome(self, index: int) -> Saved | BackendError:
+        return self.error if self.error is not None else self.results[index]
+
+    def finish(self) -> None:
+        self.done.set()
+        for index, then in self.thens:
+            then(self.outcome(index))
 
 
 class Sequencer:
@@ -73,18 +88,29 @@ class Sequencer:
         whether it was created. Raises :class:`~pmhub.errors.BackendError` if
         its batch failed to commit (none of the batch was stored) or the writer
         stopped first."""
+        batch, index = await self._join(draft)
+        await batch.done.wait()
+        outcome = batch.outcome(index)
+        if isinstance(outcome, BackendError):  # a fresh exception for each waiter
+            raise BackendError(str(outcome)) from outcome.__cause__
+        return outcome
+
+    async def submit_then(self, draft: Draft, then: Then) -> None:
+        """Queue ``draft`` and return; the writer calls ``then`` with its outcome
+        once the batch is stored and published (or failed). Raises
+        :class:`~pmhub.errors.BackendError` at once if the writer stopped."""
+        batch, index = await self._join(draft)
+        batch.thens.append((index, then))
+
+    async def _join(self, draft: Draft) -> tuple[_Batch, int]:
         while len(self._open.drafts) >= self._max_batch and not self._closed:
             await self._taken.wait()
         if self._closed:
             raise BackendError("the hub is shutting down: nothing was stored")
         batch = self._open
-        index = len(batch.drafts)
         batch.drafts.append(draft)
         self._pending.set()
-        await batch.done.wait()
-        if batch.error is not None:
-            raise BackendError(f"the batch was not stored: {batch.error}") from batch.error
-        return batch.results[index]
+        return batch, len(batch.drafts) - 1
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Commit batches until :meth:`close` (or cancellation)."""
@@ -104,10 +130,11 @@ class Sequencer:
                 try:
                     batch.results = await self._save(batch.drafts)
                 except Exception as exc:
-                    batch.error = exc
+                    batch.error = BackendError(f"the batch was not stored: {exc}")
+                    batch.error.__cause__ = exc
                 else:
                     await self._publish_created(batch.results)
-                batch.done.set()
+                batch.finish()
                 batch = None
         finally:
             self._closed = True
@@ -115,7 +142,7 @@ class Sequencer:
             for unfinished in (batch, self._open):
                 if unfinished is not None and not unfinished.done.is_set():
                     unfinished.error = stopped
-                    unfinished.done.set()
+                    unfinished.finish()
             self._taken.set()
             self._stopped.set()
 
