@@ -878,17 +878,13 @@ TestTwoHubModelAsyncio = TwoHubMachine.TestCase
 TestTwoHubModelTrio = TrioTwoHubMachine.TestCase
 
 
-# -- known issue ----------------------------------------------------------------------------------
+# -- presence across nodes -------------------------------------------------------------------------
 
 
 @pytest.mark.anyio
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap, for the multi-node broker: presence events carry no per-user version,"
-    " so a broker that interleaves two nodes' events (the Broker protocol allows it) can"
-    " leave a contact seeing an online user as offline",
-)
 async def test_cross_node_presence_settles_on_the_truth() -> None:
+    """Presence events of two nodes arrive out of order; each hub reads the
+    state when an event arrives, so the viewer ends with the truth."""
     network, store = Network(), MemoryStore()
     policy = StaticPolicy(USERS, only={RESTRICTED: {ONLY_PEER}})
     async with (

@@ -25,7 +25,7 @@ import anyio
 import msgspec
 from anyio.abc import TaskStatus
 
-__all__ = ["Broker", "Deliver", "Deliverer", "Event", "InProcessBroker", "Revoke"]
+__all__ = ["Broker", "Deliver", "Deliverer", "Event", "InProcessBroker", "Presence", "Revoke"]
 
 
 class Deliver(msgspec.Struct, tag="deliver", frozen=True):
@@ -38,13 +38,27 @@ class Deliver(msgspec.Struct, tag="deliver", frozen=True):
     exclude: str | None = None
 
 
+class Presence(msgspec.Struct, tag="presence", frozen=True):
+    """``user_id`` came online or went offline: tell ``viewers`` (their online
+    contacts) whether ``user_id`` is online now.
+
+    The event carries no state: each hub reads it from the broker when the
+    event arrives. Events of two nodes may arrive in either order, but the
+    one published after the last change is read after it, so every viewer
+    ends with the truth.
+    """
+
+    user_id: int
+    viewers: list[int]
+
+
 class Revoke(msgspec.Struct, tag="revoke", frozen=True):
     """Close every connection authenticated by session ``session_id``."""
 
     session_id: str
 
 
-Event = Deliver | Revoke
+Event = Deliver | Presence | Revoke
 Deliverer = Callable[[Event], Awaitable[None]]
 
 

@@ -35,7 +35,7 @@ import anyio
 import anyio.abc
 
 from .auth import Identity
-from .broker import Broker, Deliver, Event, InProcessBroker, Revoke
+from .broker import Broker, Deliver, Event, InProcessBroker, Presence, Revoke
 from .client import Client
 from .errors import BackendError, Rejected
 from .frames import (
@@ -58,7 +58,7 @@ from .frames import (
 from .limits import Limits, TokenBucket, TypingTimers
 from .metrics import Metrics, NullMetrics
 from .policy import PermissionPolicy
-from .presence import Presence, presence_frame
+from .presence import Roster, presence_frame
 from .protocol import (
     CLOSE_GOING_AWAY,
     CLOSE_INTERNAL_ERROR,
@@ -116,7 +116,7 @@ class Hub:
         self._typing_buckets: dict[int, TokenBucket] = {}
         self._typing = TypingTimers(self.limits.typing_timeout)
         self._typing_changed = anyio.Event()
-        self._presence = Presence(self.broker, policy)
+        self._roster = Roster(self.broker, policy)
         self._sequencer = Sequencer(
             lambda drafts: self._timed("save", self.store.save_many(drafts)),
             self._publish_message,
@@ -209,7 +209,7 @@ class Hub:
         self._check_running()
         client = Client(identity, self.limits)
         user_id = identity.user_id
-        async with self._presence.changing(user_id):
+        async with self._roster.changing(user_id):
             count = await self.broker.join(user_id)
             try:
                 if count > self.limits.max_connections_per_user:
@@ -222,12 +222,12 @@ class Hub:
                     # Registered before the snapshot is taken, so a presence change
                     # that happens meanwhile reaches it live (after the snapshot).
                     self._register(client)
-                    contacts = await self._presence.online_contacts(user_id)
+                    contacts = await self._roster.online_contacts(user_id)
                     client.prepend(
                         [self._welcome, *(presence_frame(other, True) for other in contacts)]
                     )
                     if count == 1:
-                        await self._publish_presence(contacts, user_id, True)
+                        await self._publish_presence(user_id, contacts)
             except BaseException:
                 with anyio.CancelScope(shield=True):
                     await self._leave(client)
@@ -236,7 +236,7 @@ class Hub:
             yield client
         finally:
             with anyio.CancelScope(shield=True):
-                async with self._presence.changing(user_id):
+                async with self._roster.changing(user_id):
                     await self._leave(client)
 
     def _register(self, client: Client) -> None:
@@ -258,12 +258,12 @@ class Hub:
         if await self.broker.leave(user_id) == 0:
             for recipient in self._typing.stop_user(user_id):
                 await self._publish_frame([recipient], TypingIndicator(user_id, recipient, False))
-            contacts = await self._presence.online_contacts(user_id)
-            await self._publish_presence(contacts, user_id, False)
+            contacts = await self._roster.online_contacts(user_id)
+            await self._publish_presence(user_id, contacts)
 
-    async def _publish_presence(self, viewers: list[int], user_id: int, online: bool) -> None:
+    async def _publish_presence(self, user_id: int, viewers: list[int]) -> None:
         if viewers:
-            await self.broker.publish(Deliver(viewers, presence_frame(user_id, online).data))
+            await self.broker.publish(Presence(user_id, viewers))
 
     def _count_connections(self) -> None:
         self.metrics.connections(self._connection_count)
@@ -528,22 +528,28 @@ class Hub:
         """Push a broker event to the connections of this hub it concerns."""
         match event:
             case Deliver(user_ids=user_ids, frame=data, message_id=message_id, exclude=exclude):
-                outgoing = Outgoing(data, message_id)
-                count = 0
-                for user_id in dict.fromkeys(user_ids):
-                    clients = self._clients.get(user_id)
-                    if clients is None:
-                        continue
-                    for client in clients.values():
-                        if client.id != exclude and self._push(client, outgoing):
-                            count += 1
-                if count:
-                    self.metrics.frames_out(count)
+                self._fan_out(user_ids, Outgoing(data, message_id), exclude)
+            case Presence(user_id=subject, viewers=viewers):
+                if any(viewer in self._clients for viewer in viewers):
+                    online = bool(await self.broker.online([subject]))  # now, not then
+                    self._fan_out(viewers, presence_frame(subject, online))
             case Revoke(session_id=session_id):
                 for clients in list(self._clients.values()):
                     for client in clients.values():
                         if client.identity.session_id == session_id:
                             client.close(CLOSE_POLICY_VIOLATION, "session logged out")
+
+    def _fan_out(self, user_ids: list[int], frame: Outgoing, exclude: str | None = None) -> None:
+        count = 0
+        for user_id in dict.fromkeys(user_ids):
+            clients = self._clients.get(user_id)
+            if clients is None:
+                continue
+            for client in clients.values():
+                if client.id != exclude and self._push(client, frame):
+                    count += 1
+        if count:
+            self.metrics.frames_out(count)
 
     async def _expire_typing(self) -> None:
         while True:

@@ -23,7 +23,7 @@ from .broker import Broker
 from .frames import Outgoing, UserOnlineStatus
 from .policy import ContactPolicy, PermissionPolicy
 
-__all__ = ["Presence", "presence_frame"]
+__all__ = ["Roster", "presence_frame"]
 
 
 @lru_cache(maxsize=16_384)
@@ -32,8 +32,8 @@ def presence_frame(user_id: int, is_online: bool) -> Outgoing:
     return Outgoing.of(UserOnlineStatus(user_id, is_online))
 
 
-class Presence:
-    """Finds the online contacts of a user, and orders each user's changes."""
+class Roster:
+    """Who of a user's contacts is online; one connect or disconnect per user at a time."""
 
     def __init__(self, broker: Broker, policy: PermissionPolicy) -> None:
         self._broker = broker

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import anyio
 
-from .broker import Broker, Deliver, Deliverer, Event, Revoke
+from .broker import Broker, Deliver, Deliverer, Event, Presence, Revoke
 from .frames import Message
 from .store import Draft, MessageStore
 
@@ -175,7 +175,7 @@ async def check_broker(first: Broker, second: Broker) -> None:
         events: list[Event] = [
             Deliver([1, 2], b'{"type":"system","message":"x"}', 7, "node-1"),
             Revoke("session-1"),
-            Deliver([3], b'{"type":"user_online_status","user_id":1,"is_online":true}'),
+            Presence(1, [3, 4]),
         ]
         for event in events:
             await first.publish(event)
