@@ -259,7 +259,9 @@ def main() -> None:
     parser.add_argument("--db", default="bench.db", help="SQLite file (pmhub-sqlite)")
     args = parser.parse_args()
     raise_nofile()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # Name IPPROTO_TCP: asyncio turns TCP_NODELAY on only for sockets that do, and
+    # without it a small frame can wait ~40 ms for the peer's delayed ACK.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     sock.listen(4096)
