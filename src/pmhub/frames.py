@@ -52,8 +52,12 @@ Id = Annotated[int, msgspec.Meta(ge=-MAX_SAFE_INT, le=MAX_SAFE_INT)]
 ClientId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 
 
-class Message(msgspec.Struct, frozen=True):
-    """A stored private message. ``id`` grows strictly in commit order."""
+class Message(msgspec.Struct, frozen=True, gc=False):
+    """A stored private message. ``id`` grows strictly in commit order.
+
+    Not tracked by the garbage collector (its fields cannot form a cycle), so
+    a store or cache holding many messages does not slow every collection.
+    """
 
     id: int
     content: str
@@ -115,7 +119,9 @@ class System(msgspec.Struct, tag="system", tag_field="type", frozen=True):
     message: str
 
 
-class PrivateMessage(msgspec.Struct, tag="private_message", tag_field="type", frozen=True):
+class PrivateMessage(
+    msgspec.Struct, tag="private_message", tag_field="type", frozen=True, gc=False
+):
     """A stored message, pushed to every connection of both participants."""
 
     sender_id: int

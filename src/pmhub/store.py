@@ -16,7 +16,7 @@ from .frames import Conversation, Message
 __all__ = ["Draft", "MessageStore", "ReadReceipt"]
 
 
-class Draft(msgspec.Struct, frozen=True):
+class Draft(msgspec.Struct, frozen=True, gc=False):
     """A message to store; the store assigns ``id`` and ``created_at``."""
 
     sender_id: int
