@@ -32,6 +32,7 @@ __all__ = [
     "EXAMPLES",
     "LiveServer",
     "cookie_header",
+    "free_port",
     "load_example",
     "login",
     "open_ws",
@@ -41,6 +42,13 @@ __all__ = [
 
 T = TypeVar("T")
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def load_example(name: str) -> ModuleType:

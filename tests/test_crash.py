@@ -32,7 +32,6 @@ import itertools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -47,7 +46,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-from servers import EXAMPLES, cookie_header, login, recv_json
+from servers import EXAMPLES, cookie_header, free_port, login, recv_json
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -75,12 +74,6 @@ Msg = dict[str, Any]
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"  # the clients (websockets, httpx) run on asyncio
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Demo:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from servers import EXAMPLES, cookie_header, login, recv_json
+from servers import EXAMPLES, cookie_header, free_port, login, recv_json
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -31,12 +30,6 @@ SECRET = "a-test-secret-that-is-long-enough"
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"  # the clients (websockets, httpx) run on asyncio
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextmanager

@@ -15,6 +15,7 @@ from typing import Any
 
 import anyio
 import pytest
+from queues import drain
 
 from pmhub import BackendError, Hub, Identity, Limits, MemoryStore, Rejected, StaticPolicy
 from pmhub.client import Client
@@ -45,16 +46,6 @@ class FakeClock:
 async def running_hub(store: MemoryStore | None = None, **options: Any) -> AsyncIterator[Hub]:
     async with Hub(store if store is not None else MemoryStore(), demo_policy(), **options) as hub:
         yield hub
-
-
-async def drain(client: Client) -> list[Frame]:
-    """Every frame queued for ``client`` so far, without waiting."""
-    frames = []
-    while client._queue:
-        outgoing = await client.next_frame()
-        assert outgoing is not None
-        frames.append(json.loads(outgoing.data))
-    return frames
 
 
 async def drain_all(*clients: Client) -> None:

@@ -38,6 +38,7 @@ from hypothesis.stateful import (
     multiple,
     rule,
 )
+from queues import drain
 
 from pmhub import Hub, Identity, Limits, MemoryStore, Message, Rejected, StaticPolicy
 from pmhub.broker import Deliver, Deliverer, Event
@@ -159,15 +160,7 @@ class HubMachine(RuleBasedStateMachine):
         """Every open device got exactly the frames the model expects, in order."""
 
         async def collect() -> list[list[Frame]]:
-            got = []
-            for device in self.open:
-                frames = []
-                while device.client._queue:
-                    outgoing = await device.client.next_frame()
-                    assert outgoing is not None
-                    frames.append(json.loads(outgoing.data))
-                got.append(frames)
-            return got
+            return [await drain(device.client) for device in self.open]
 
         received = self.portal.call(collect)
         expected, self.expected = self.expected, {}
@@ -572,19 +565,11 @@ class TwoHubMachine(RuleBasedStateMachine):
         filed as live (or as the one replay ``replays`` names), presence goes to
         contacts only, and nothing else arrives."""
 
-        async def drain() -> list[list[Frame]]:
-            got = []
-            for device in self.open:
-                frames = []
-                while device.client._queue:
-                    outgoing = await device.client.next_frame()
-                    assert outgoing is not None
-                    frames.append(json.loads(outgoing.data))
-                got.append(frames)
-            return got
+        async def drain_all() -> list[list[Frame]]:
+            return [await drain(device.client) for device in self.open]
 
         replays = dict(replays or {})
-        for device, frames in zip(self.open, self.portal.call(drain), strict=True):
+        for device, frames in zip(self.open, self.portal.call(drain_all), strict=True):
             assert device.client.close_code is None, (device, device.client.close_reason)
             for frame in frames:
                 if frame["type"] == "private_message":
@@ -660,15 +645,7 @@ class TwoHubMachine(RuleBasedStateMachine):
             delivering.result()
         device = NodeDevice(user, node, client, context, joined_after, may_get)
 
-        async def first_frames() -> list[Frame]:
-            frames = []
-            while client._queue:
-                outgoing = await client.next_frame()
-                assert outgoing is not None
-                frames.append(json.loads(outgoing.data))
-            return frames
-
-        frames = self.portal.call(first_frames)
+        frames = self.portal.call(drain, client)
         assert frames[0] == {"type": "system", "message": WELCOME}, frames  # always first
         if during is None:
             assert frames == [frames[0], *snapshot], frames
@@ -896,12 +873,10 @@ async def test_cross_node_presence_settles_on_the_truth() -> None:
             pass  # user 1 comes online on a and goes offline again: both queued a → b
         async with hub_b.connect(Identity(1)):  # … then comes online on b (told at once)
             await network.deliver("a", "b", 10)  # the old news from a arrives late
-            seen = []
-            while viewer._queue:
-                outgoing = await viewer.next_frame()
-                assert outgoing is not None
-                frame = json.loads(outgoing.data)
-                if frame["type"] == "user_online_status" and frame["user_id"] == 1:
-                    seen.append(frame["is_online"])
+            seen = [
+                frame["is_online"]
+                for frame in await drain(viewer)
+                if frame["type"] == "user_online_status" and frame["user_id"] == 1
+            ]
             assert await hub_b.broker.online([1]) == {1}
             assert seen[-1] is True, f"user 1 is online, but the viewer was told {seen}"

@@ -7,13 +7,13 @@ every call the hub makes.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Collection, Mapping
 from contextlib import AsyncExitStack
 from typing import Any
 
 import anyio
 import pytest
+from queues import drain
 
 from pmhub import ContactPolicy, Hub, Identity, Limits, MemoryStore
 from pmhub.client import Client
@@ -70,15 +70,6 @@ WELCOME: Frame = {"type": "system", "message": "hi"}
 
 def make_hub(policy: PermissionPolicy, **limits: Any) -> Hub:
     return Hub(MemoryStore(), policy, limits=Limits(**limits), welcome="hi")
-
-
-async def drain(client: Client) -> list[Frame]:
-    frames = []
-    while client._queue:
-        outgoing = await client.next_frame()
-        assert outgoing is not None
-        frames.append(json.loads(outgoing.data))
-    return frames
 
 
 def test_the_counting_policies_are_what_they_claim() -> None:
