@@ -56,7 +56,10 @@ class _Batch:
     def finish(self) -> None:
         self.done.set()
         for index, then in self.thens:
-            then(self.outcome(index))
+            try:
+                then(self.outcome(index))
+            except Exception:  # one sender's report must not stop the writer
+                logger.exception("reporting the outcome of a send failed")
 
 
 class Sequencer:
@@ -113,7 +116,7 @@ class Sequencer:
         return batch, len(batch.drafts) - 1
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Commit batches until :meth:`close` (or cancellation)."""
+        """Commit batches until :meth:`aclose` (or cancellation)."""
         task_status.started()
         batch: _Batch | None = None
         try:
