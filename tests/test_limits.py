@@ -39,21 +39,6 @@ def test_bucket_refills_at_rate_up_to_burst() -> None:
     assert bucket.take(1000.0) > 0
 
 
-def test_refund_gives_back_a_token_but_not_above_burst() -> None:
-    bucket = TokenBucket(rate=1.0, burst=2, now=0.0)
-    bucket.take(0.0)
-    bucket.take(0.0)
-    assert bucket.take(0.0) > 0
-    bucket.refund()
-    assert bucket.take(0.0) == 0.0
-    assert bucket.take(0.0) > 0
-
-    full = TokenBucket(rate=1.0, burst=2, now=0.0)
-    full.refund()
-    assert [full.take(0.0) for _ in range(3)][:2] == [0.0, 0.0]
-    assert full.take(0.0) > 0
-
-
 def test_full_reports_a_completely_refilled_bucket() -> None:
     bucket = TokenBucket(rate=4.0, burst=2, now=0.0)
     assert bucket.full(0.0)

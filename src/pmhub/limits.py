@@ -71,10 +71,6 @@ class TokenBucket:
             return 0.0
         return (1.0 - self.tokens) / self.rate
 
-    def refund(self) -> None:
-        """Give back a token taken for something that turned out not to count."""
-        self.tokens = min(self.burst, self.tokens + 1.0)
-
     def full(self, now: float) -> bool:
         """True when the bucket has refilled completely (it can be forgotten)."""
         self._refill(now)
