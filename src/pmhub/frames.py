@@ -128,6 +128,11 @@ class PrivateMessage(
     recipient_id: int
     message: Message
 
+    @classmethod
+    def of(cls, message: Message) -> PrivateMessage:
+        """The frame that carries ``message``."""
+        return cls(message.sender_id, message.receiver_id, message)
+
 
 class TypingIndicator(msgspec.Struct, tag="typing_indicator", tag_field="type", frozen=True):
     """``user_id`` (stamped by the server) is or stopped typing to ``recipient_id``."""

@@ -388,8 +388,12 @@ class Hub:
 
     async def _answer_resend(self, client: Client, message: Message) -> None:
         if await client.wait_for_room():
-            frame = PrivateMessage(message.sender_id, message.receiver_id, message)
-            self._push(client, Outgoing.of(frame), replay=True)
+            self._replay(client, message)
+
+    def _replay(self, client: Client, message: Message) -> None:
+        """Send ``client`` a stored message as a reply (a resend's answer, a
+        ``sync`` page): exempt from the repeat window."""
+        self._push(client, Outgoing.of(PrivateMessage.of(message)), replay=True)
 
     def _stored(self, client: Client, outcome: tuple[Message, bool] | BackendError) -> None:
         """The outcome of a WebSocket send (the new message itself reached
@@ -398,9 +402,7 @@ class Hub:
             logger.error("a message from %r was not stored: %s", client, outcome)
             client.close(CLOSE_INTERNAL_ERROR, "internal error: send it again")
         elif not outcome[1]:  # a resend of one stored in the same batch
-            message = outcome[0]
-            frame = PrivateMessage(message.sender_id, message.receiver_id, message)
-            self._push(client, Outgoing.of(frame), replay=True)
+            self._replay(client, outcome[0])
 
     def _take_message_token(self, user_id: int) -> None:
         """Count a request against ``user_id``'s message rate, or raise ``rate_limited``."""
@@ -419,9 +421,8 @@ class Hub:
     async def _publish_message(self, message: Message) -> None:
         """Fan out a newly stored message (the sequencer calls this in id order)."""
         self.metrics.message_in()
-        frame = PrivateMessage(message.sender_id, message.receiver_id, message)
         users = [message.sender_id, message.receiver_id]
-        await self.broker.publish(Deliver(users, encode(frame), message.id))
+        await self.broker.publish(Deliver(users, encode(PrivateMessage.of(message)), message.id))
 
     async def _check_message(self, sender_id: int, recipient_id: int, content: str) -> None:
         if not content.strip():
@@ -512,8 +513,7 @@ class Hub:
         for message in page[:size]:
             if not await client.wait_for_room():
                 return
-            frame = PrivateMessage(message.sender_id, message.receiver_id, message)
-            self._push(client, Outgoing.of(frame), replay=True)
+            self._replay(client, message)
         last_id = page[min(size, len(page)) - 1].id if page else after_id
         self._push(client, Outgoing.of(SyncComplete(last_id, len(page) > size)))
 
