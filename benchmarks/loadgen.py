@@ -231,9 +231,10 @@ class Load:
         self.clients: list[Client] = []
         self.auth: Any = None
         if args.kind.startswith("pmhub"):
-            from pmhub import SessionAuthenticator
+            from pmhub import MemoryStore, SessionAuthenticator
 
-            self.auth = SessionAuthenticator(os.environ[SECRET_ENV])
+            # Only issues cookies: the server checks them against its own store.
+            self.auth = SessionAuthenticator(os.environ[SECRET_ENV], MemoryStore())
 
     def server_cpu(self) -> float:
         times = self.server.cpu_times()

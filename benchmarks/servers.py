@@ -212,7 +212,7 @@ def pmhub_app(
     policy = AllowAll() if policy_kind == "allowall" else ContactsPolicy(users)
     limits = Limits(message_rate=1e6, message_burst=1_000_000)
     hub = Hub(store, policy, limits=limits)
-    return PmhubApp(hub, SessionAuthenticator(os.environ[SECRET_ENV])), hub
+    return PmhubApp(hub, SessionAuthenticator(os.environ[SECRET_ENV], store)), hub
 
 
 def run_uvicorn(app: Any, sock: socket.socket, fast: bool, hub: Any = None) -> None:

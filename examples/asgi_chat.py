@@ -23,20 +23,20 @@ import msgspec
 
 from pmhub import Hub, Limits, PrometheusMetrics, SessionAuthenticator, SQLiteStore, StaticPolicy
 from pmhub.adapters.asgi import (
+    NOSNIFF,
     ASGIApp,
     PmhubApp,
     Receive,
     Scope,
     Send,
     read_json,
-    request_from,
     respond_error,
     respond_json,
     route_path,
     serve,
 )
-from pmhub.auth import Request
-from pmhub.errors import Rejected, Unauthenticated
+from pmhub.auth import LoginThrottle, Request
+from pmhub.errors import BackendError, Rejected, Unauthenticated
 
 USERS = {"alice": 1, "bob": 2, "carol": 3, "mallory": 4}
 NAMES = {user_id: name for name, user_id in USERS.items()}
@@ -57,41 +57,45 @@ def build_app(
     metrics: PrometheusMetrics | None = None,
 ) -> tuple[ASGIApp, Hub]:
     """The demo application and its hub (tests build it with their own limits)."""
-    auth = SessionAuthenticator(secret or os.environ.get("PMHUB_SECRET") or secrets.token_hex(32))
-    hub = Hub(SQLiteStore(db), POLICY, limits=limits, metrics=metrics)
+    store = SQLiteStore(db)  # keeps the messages, and the sessions that logged out
+    secret = secret or os.environ.get("PMHUB_SECRET") or secrets.token_hex(32)
+    auth = SessionAuthenticator(secret, store)
+    hub = Hub(store, POLICY, limits=limits, metrics=metrics)
     pmhub_app = PmhubApp(hub, auth)
+    throttle = LoginThrottle()
 
-    async def login(receive: Receive, send: Send) -> None:
+    async def login(request: Request, receive: Receive, send: Send) -> None:
         body = await read_json(receive, Login, 4096)
+        address = request.client[0] if request.client else None
+        throttle.check(body.username, address)
         user_id = USERS.get(body.username)
         password, username = body.password.encode(), body.username.encode()
         # Compare even for unknown names so timing does not reveal who exists (as
         # bytes: compare_digest raises TypeError on str with non-ASCII characters).
         if not hmac.compare_digest(password, username) or user_id is None:
+            throttle.failed(body.username, address)
             raise Unauthenticated("wrong username or password")
         cookie = (
             f"session={auth.issue(user_id)}; Path=/; HttpOnly; SameSite=Lax;"
             f" Max-Age={int(auth.max_age)}"
         )
-        headers = [(b"content-type", b"application/json"), (b"set-cookie", cookie.encode())]
-        await respond_json(send, 200, _user(user_id), headers)
+        await respond_json(send, 200, _user(user_id), [(b"set-cookie", cookie.encode())])
 
     async def logout(request: Request, send: Send) -> None:
         value = request.cookies.get("session")
-        identity = auth.revoke(value) if value else None
+        identity = await auth.revoke(value) if value else None
         if identity is not None and identity.session_id is not None:
             await hub.revoke(identity.session_id)
         expired = b"session=; Path=/; HttpOnly; SameSite=Lax; Max-Age=0"
-        headers = [(b"content-type", b"application/json"), (b"set-cookie", expired)]
-        await respond_json(send, 200, b'{"status":"ok"}', headers)
+        await respond_json(send, 200, b'{"status":"ok"}', [(b"set-cookie", expired)])
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         route = (scope["method"], route_path(scope)) if scope["type"] == "http" else None
         if route is None or route[1] not in DEMO_PATHS:
             await pmhub_app(scope, receive, send)
             return
-        request = request_from(scope)
         try:
+            request = pmhub_app.guard(scope)  # a login is state-changing: no CSRF
             if route not in DEMO_ROUTES:
                 allowed = ", ".join(method for method, path in DEMO_ROUTES if path == route[1])
                 raise Rejected("method_not_allowed", f"use {allowed}", status=405)
@@ -101,15 +105,12 @@ def build_app(
                     {
                         "type": "http.response.start",
                         "status": 200,
-                        "headers": [
-                            (b"content-type", b"text/html; charset=utf-8"),
-                            (b"content-security-policy", CSP),
-                        ],
+                        "headers": [(b"content-type", b"text/html; charset=utf-8"), *PAGE_HEADERS],
                     }
                 )
                 await send({"type": "http.response.body", "body": page})
             elif route == ("POST", "/api/login"):
-                await login(receive, send)
+                await login(request, receive, send)
             elif route == ("POST", "/api/logout"):
                 await logout(request, send)
             elif route == ("GET", "/api/me"):
@@ -124,7 +125,11 @@ def build_app(
                 ]
                 await respond_json(send, 200, msgspec.json.encode(peers))
         except Rejected as exc:
+            hub.metrics.error(exc.code)
             await respond_error(send, exc)
+        except BackendError:
+            unavailable = Rejected("unavailable", "the service is unavailable: try again later")
+            await respond_error(send, unavailable)
 
     return app, hub
 
@@ -137,9 +142,17 @@ DEMO_ROUTES = {
     ("GET", "/api/users"),
 }
 DEMO_PATHS = {path for _, path in DEMO_ROUTES}
-CSP = (
-    b"default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'"
-)
+PAGE_HEADERS = [
+    (
+        b"content-security-policy",
+        b"default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline';"
+        b" img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none';"
+        b" form-action 'none'",
+    ),
+    (b"x-frame-options", b"DENY"),  # frame-ancestors, for browsers without CSP 2
+    (b"referrer-policy", b"no-referrer"),
+    NOSNIFF,
+]
 
 
 def _user(user_id: int) -> bytes:

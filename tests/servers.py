@@ -15,21 +15,29 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import os
+import signal
 import socket
+import sqlite3
+import subprocess
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
 
+import anyio
 import httpx
+import pytest
 import uvicorn
+from anyio.abc import Process
 from websockets.asyncio.client import ClientConnection, connect
 
 __all__ = [
     "EXAMPLES",
+    "DemoProcess",
     "LiveServer",
     "cookie_header",
     "free_port",
@@ -283,3 +291,67 @@ async def recv_json(ws: ClientConnection, timeout: float = 5.0) -> dict[str, Any
     frame = json.loads(data)
     assert isinstance(frame, dict), f"expected a JSON object, got {data!r}"
     return frame
+
+
+#: Generous bounds for the demo process to start and stop (slow CI machines).
+START_TIMEOUT = STOP_TIMEOUT = 30.0
+
+
+class DemoProcess:
+    """``examples/asgi_chat.py`` run as a user runs it, on one port and SQLite file.
+
+    Started and stopped at will. With ``secret`` it gets that ``PMHUB_SECRET``;
+    without, every start signs cookies with a new random secret, as the
+    README's command does. Its log (uvicorn's stderr) goes to a file, so a
+    full pipe can never block the server.
+    """
+
+    def __init__(self, db: Path, port: int, log: Path, secret: str | None = None) -> None:
+        self.db, self.port, self.log = db, port, log
+        self.url = f"http://127.0.0.1:{port}/"
+        self.env = {k: v for k, v in os.environ.items() if k != "PMHUB_SECRET"}
+        if secret is not None:
+            self.env["PMHUB_SECRET"] = secret
+        self.process: Process | None = None
+
+    async def start(self) -> None:
+        assert self.process is None
+        serving = self.text().count("Uvicorn running on")
+        script, port, db = str(EXAMPLES / "asgi_chat.py"), str(self.port), str(self.db)
+        with self.log.open("ab") as log:
+            self.process = await anyio.open_process(
+                [sys.executable, script, "--port", port, "--db", db],
+                env=self.env,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
+        with anyio.fail_after(START_TIMEOUT):
+            while self.text().count("Uvicorn running on") == serving:
+                if self.process.returncode is not None:
+                    await self.stop()
+                    pytest.fail("the demo exited before serving:\n" + self.text())
+                await anyio.sleep(0.05)  # poll interval only; the wait is on the log line
+
+    async def stop(self) -> int:
+        """SIGTERM, as a service manager stops it; wait for it to exit; its exit status."""
+        process, self.process = self.process, None
+        if process is None:
+            return 0
+        async with process:  # closes its pipes; kills it if still running at exit
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+            with anyio.move_on_after(STOP_TIMEOUT):
+                return await process.wait()
+            pytest.fail(f"the demo did not stop within {STOP_TIMEOUT} s:\n{self.text()}")
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def stored(self, content: str | None = None) -> int:
+        """How many rows of the SQLite file hold exactly ``content`` (or at all)."""
+        query, args = "SELECT count(*) FROM messages", []
+        if content is not None:
+            query, args = query + " WHERE content = ?", [content]
+        with closing(sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)) as db:
+            (count,) = db.execute(query, args).fetchone()
+        return int(count)

@@ -33,7 +33,7 @@ from servers import LiveServer, cookie_header, load_example, login, open_ws, rec
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from pmhub import Hub, Limits, PrometheusMetrics, SessionAuthenticator
+from pmhub import Hub, Limits, MemoryStore, PrometheusMetrics, SessionAuthenticator
 from pmhub.store import Draft
 
 pytestmark = pytest.mark.anyio
@@ -42,6 +42,7 @@ chat = load_example("asgi_chat")
 
 SECRET = "end-to-end-test-secret-0123456789"
 ALICE, BOB, CAROL, MALLORY = 1, 2, 3, 4
+JSON_BODY = {"content-type": "application/json"}
 NAMES = {ALICE: "alice", BOB: "bob", CAROL: "carol", MALLORY: "mallory"}
 FAR = 2**53  # the largest id the wire accepts: a sync from here replays nothing
 MESSAGE_KEYS = {"id", "content", "sender_id", "receiver_id", "created_at", "is_read", "client_id"}
@@ -292,7 +293,9 @@ async def test_handshake_with_invalid_cookie_is_refused_with_401(demo: Demo) -> 
     good = await demo.session("alice")
     payload, _, signature = good.partition(".")
     flipped = ("A" if signature[0] != "A" else "B") + signature[1:]
-    other_secret = SessionAuthenticator("another-secret-of-32-characters!").issue(ALICE)
+    other_secret = SessionAuthenticator("another-secret-of-32-characters!", MemoryStore()).issue(
+        ALICE
+    )
     bob_payload = (await demo.session("bob")).partition(".")[0]
     for cookie in [
         "garbage",
@@ -300,7 +303,9 @@ async def test_handshake_with_invalid_cookie_is_refused_with_401(demo: Demo) -> 
         f"{bob_payload}.{signature}",  # bob's payload under alice's signature
         f"{payload}",  # no signature
         other_secret,  # signed with another key
-        SessionAuthenticator(SECRET, clock=lambda: 0.0).issue(ALICE),  # expired in 1970
+        SessionAuthenticator(SECRET, MemoryStore(), clock=lambda: 0.0).issue(
+            ALICE
+        ),  # expired in 1970
     ]:
         with pytest.raises(InvalidStatus) as info:
             async with open_ws(demo.ws_url, cookie):
@@ -1167,7 +1172,11 @@ async def test_post_message_errors(demo: Demo) -> None:
     mallory = await demo.session("mallory")
     async with demo.api(alice) as http:
         for body in [b"not json", b"[]", b"{}", b'{"recipient_id": 2}', b'{"content": "x"}']:
-            check_error(await http.post("/api/messages", content=body), 400, "invalid_frame")
+            check_error(
+                await http.post("/api/messages", content=body, headers=JSON_BODY),
+                400,
+                "invalid_frame",
+            )
         for body in [
             {"recipient_id": "2", "content": "x"},
             {"recipient_id": 2, "content": 5},
@@ -1496,7 +1505,9 @@ async def test_demo_login_and_me(demo: Demo) -> None:
             check_error(response, 401, "unauthenticated")
             assert "set-cookie" not in response.headers
         for raw in [b"", b"not json", b'{"username": "alice"}', b'{"username": 1, "password": 1}']:
-            check_error(await http.post("/api/login", content=raw), 400, "invalid_frame")
+            check_error(
+                await http.post("/api/login", content=raw, headers=JSON_BODY), 400, "invalid_frame"
+            )
 
         check_error(await http.get("/api/me"), 401, "unauthenticated")
     async with demo.api(session) as http:

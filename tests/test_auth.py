@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
+import anyio
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pmhub import MemoryStore, SQLiteStore
 from pmhub.auth import Identity, Request, SessionAuthenticator, origin_allowed
-from pmhub.errors import Rejected, Unauthenticated
+from pmhub.errors import BackendError, Rejected, Unauthenticated
+from pmhub.testing import check_revocations
 
 SECRET = "0123456789abcdef"  # 16 bytes, the shortest allowed
 
@@ -24,96 +30,165 @@ def request_with(cookie: str) -> Request:
     return Request("/ws", {"cookie": cookie})
 
 
-def refused(auth: SessionAuthenticator, value: str) -> Unauthenticated:
+def make(secret: str | bytes = SECRET, **options: Any) -> SessionAuthenticator:
+    return SessionAuthenticator(secret, MemoryStore(), **options)
+
+
+async def refused(auth: SessionAuthenticator, value: str) -> Unauthenticated:
     with pytest.raises(Unauthenticated) as info:
-        auth.verify(value)
+        await auth.verify(value)
     assert isinstance(info.value, Rejected)
     return info.value
 
 
 # -- SessionAuthenticator ---------------------------------------------------------------
 
+pytestmark = pytest.mark.anyio
 
-@pytest.mark.anyio
+
 async def test_issue_and_verify_round_trip() -> None:
-    auth = SessionAuthenticator(SECRET)
+    auth = make()
     value = auth.issue(42)
-    identity = auth.verify(value)
+    identity = await auth.verify(value)
     assert identity.user_id == 42
     assert identity.session_id
     assert await auth.authenticate(request_with(f"theme=dark; session={value}")) == identity
 
 
-def test_each_login_is_a_new_session() -> None:
-    auth = SessionAuthenticator(SECRET)
+async def test_each_login_is_a_new_session() -> None:
+    auth = make()
     first, second = auth.issue(1), auth.issue(1)
     assert first != second
-    assert auth.verify(first).session_id != auth.verify(second).session_id
+    assert (await auth.verify(first)).session_id != (await auth.verify(second)).session_id
 
 
 def test_cookie_value_is_safe_in_a_cookie_header() -> None:
-    value = SessionAuthenticator(SECRET).issue(1)
+    value = make().issue(1)
     assert value.isascii()
     assert not set(value) & set(' ;,"\\=')
 
 
 @pytest.mark.parametrize("where", ["payload", "signature"])
-def test_tampered_cookie_is_refused_401(where: str) -> None:
-    auth = SessionAuthenticator(SECRET)
+async def test_tampered_cookie_is_refused_401(where: str) -> None:
+    auth = make()
     payload, signature = auth.issue(1).split(".")
     if where == "payload":
         payload = payload[:-1] + ("A" if payload[-1] != "A" else "B")
     else:
         signature = signature[:-1] + ("A" if signature[-1] != "A" else "B")
-    error = refused(auth, f"{payload}.{signature}")
+    error = await refused(auth, f"{payload}.{signature}")
     assert (error.status, error.code) == (401, "unauthenticated")
 
 
-def test_cookie_signed_with_another_secret_is_refused() -> None:
-    value = SessionAuthenticator("another secret, 16+ bytes").issue(1)
-    assert refused(SessionAuthenticator(SECRET), value).status == 401
+async def test_cookie_signed_with_another_secret_is_refused() -> None:
+    value = make("another secret, 16+ bytes").issue(1)
+    assert (await refused(make(), value)).status == 401
 
 
-def test_expired_session_is_refused_401() -> None:
+async def test_expired_session_is_refused_401() -> None:
     clock = Clock()
-    auth = SessionAuthenticator(SECRET, max_age=60, clock=clock)
+    auth = make(max_age=60, clock=clock)
     value = auth.issue(1)
     clock.now += 59.9
-    assert auth.verify(value).user_id == 1
+    assert (await auth.verify(value)).user_id == 1
     clock.now += 0.1
-    error = refused(auth, value)
+    error = await refused(auth, value)
     assert error.status == 401
     assert "expired" in error.message
 
 
-def test_revoked_session_is_refused_403() -> None:
-    auth = SessionAuthenticator(SECRET)
+async def test_revoked_session_is_refused_403() -> None:
+    auth = make()
     value, other = auth.issue(1), auth.issue(1)
-    assert auth.revoke(value) is not None
-    error = refused(auth, value)
+    assert await auth.revoke(value) is not None
+    error = await refused(auth, value)
     assert error.status == 403
     assert error.code == "forbidden"
-    assert auth.verify(other).user_id == 1  # another login of the same user still works
+    assert (await auth.verify(other)).user_id == 1  # another login of the same user still works
 
 
-def test_revoke_returns_whose_session_it_was() -> None:
-    auth = SessionAuthenticator(SECRET)
+async def test_revoke_returns_whose_session_it_was() -> None:
+    auth = make()
     value = auth.issue(7)
-    session_id = auth.verify(value).session_id
-    assert auth.revoke(value) == Identity(7, session_id)
-    assert auth.revoke(value) is None  # already revoked
-    assert auth.revoke("garbage") is None
+    session_id = (await auth.verify(value)).session_id
+    assert await auth.revoke(value) == Identity(7, session_id)
+    assert await auth.revoke(value) is None  # already revoked
+    assert await auth.revoke("garbage") is None
+
+
+async def test_a_logout_holds_for_a_new_process_on_the_same_file(tmp_path: Path) -> None:
+    db = tmp_path / "chat.db"
+    first = SQLiteStore(db)
+    value = SessionAuthenticator(SECRET, first).issue(1)
+    assert await SessionAuthenticator(SECRET, first).revoke(value) is not None
+    await first.aclose()
+    second = SQLiteStore(db)  # a restart, or another process on the same file
+    try:
+        error = await refused(SessionAuthenticator(SECRET, second), value)
+        assert error.status == 403
+    finally:
+        await second.aclose()
+
+
+async def test_revocations_are_kept_until_the_cookie_expires(tmp_path: Path) -> None:
+    clock = Clock()
+    store = MemoryStore()
+    auth = SessionAuthenticator(SECRET, store, max_age=60, clock=clock)
+    value = auth.issue(1)
+    await auth.revoke(value)
+    session_id = auth._token(value).session_id
+    clock.now += 59  # another logout prunes only what expired
+    await auth.revoke(auth.issue(2))
+    assert await store.session_revoked(session_id)
+    clock.now += 2
+    await auth.revoke(auth.issue(3))
+    assert not await store.session_revoked(session_id)  # the cookie is refused as expired
+
+
+class BrokenRevocations:
+    async def revoke_session(self, session_id: str, expires_at: float, now: float) -> None:
+        raise OSError("disk on fire")
+
+    async def session_revoked(self, session_id: str) -> bool:
+        raise OSError("disk on fire")
+
+
+async def test_a_store_outage_refuses_the_session_rather_than_letting_it_in() -> None:
+    auth = SessionAuthenticator(SECRET, BrokenRevocations())
+    value = auth.issue(1)
+    with pytest.raises(BackendError, match="disk on fire"):
+        await auth.verify(value)
+    with pytest.raises(BackendError, match="disk on fire"):
+        await auth.revoke(value)
+
+
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+async def test_builtin_stores_keep_revocations(store: str, tmp_path: Path) -> None:
+    if store == "memory":
+        await check_revocations(MemoryStore())
+        return
+    stores = [SQLiteStore(tmp_path / "r.db")]
+
+    async def reopen() -> SQLiteStore:
+        await stores[-1].aclose()
+        stores.append(SQLiteStore(tmp_path / "r.db"))
+        return stores[-1]
+
+    try:
+        await check_revocations(stores[0], reopen=reopen)
+    finally:
+        await stores[-1].aclose()
 
 
 @pytest.mark.parametrize("secret", ["", "short", "0123456789abcde", b"\x00" * 15])
 def test_short_secret_raises_value_error(secret: str | bytes) -> None:
     with pytest.raises(ValueError, match="16 bytes"):
-        SessionAuthenticator(secret)
+        make(secret)
 
 
-def test_bytes_secret_is_accepted() -> None:
-    auth = SessionAuthenticator(b"\xff" * 32)
-    assert auth.verify(auth.issue(3)).user_id == 3
+async def test_bytes_secret_is_accepted() -> None:
+    auth = make(b"\xff" * 32)
+    assert (await auth.verify(auth.issue(3))).user_id == 3
 
 
 @pytest.mark.parametrize(
@@ -131,30 +206,28 @@ def test_bytes_secret_is_accepted() -> None:
         "x" * 5000,
     ],
 )
-def test_garbage_cookie_is_refused_401(value: str) -> None:
-    assert refused(SessionAuthenticator(SECRET), value).status == 401
+async def test_garbage_cookie_is_refused_401(value: str) -> None:
+    assert (await refused(make(), value)).status == 401
 
 
 @given(st.text(alphabet=st.characters(codec=None, categories=None)))
 def test_any_text_is_an_identity_or_unauthenticated(value: str) -> None:
     try:
-        SessionAuthenticator(SECRET).verify(value)
+        anyio.run(make().verify, value)
     except Unauthenticated as exc:
         assert exc.status == 401
 
 
-@pytest.mark.anyio
 @pytest.mark.parametrize("cookie", ["", "theme=dark", "session=", "session=nope"])
 async def test_authenticate_without_a_valid_session_cookie_is_401(cookie: str) -> None:
     with pytest.raises(Unauthenticated) as info:
-        await SessionAuthenticator(SECRET).authenticate(request_with(cookie))
+        await make().authenticate(request_with(cookie))
     assert info.value.status == 401
 
 
-@pytest.mark.anyio
 async def test_authenticate_without_a_cookie_header_is_401() -> None:
     with pytest.raises(Unauthenticated) as info:
-        await SessionAuthenticator(SECRET).authenticate(Request("/ws"))
+        await make().authenticate(Request("/ws"))
     assert info.value.status == 401
 
 

@@ -99,5 +99,8 @@ async def test_the_demo_chats_stops_with_1001_and_keeps_its_messages(tmp_path: P
             replayed = await recv_json(b_ws)
             assert replayed["message"] == sent["message"]
             done = await recv_json(b_ws)
-            assert done == {"type": "sync_complete", "last_id": sent["message"]["id"],
-                            "has_more": False}
+            assert done == {
+                "type": "sync_complete",
+                "last_id": sent["message"]["id"],
+                "has_more": False,
+            }

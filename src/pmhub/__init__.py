@@ -6,7 +6,14 @@ server. Storage, brokers, authentication and permissions are small protocols
 with ready implementations.
 """
 
-from .auth import Authenticator, Identity, Request, SessionAuthenticator
+from .auth import (
+    Authenticator,
+    Identity,
+    LoginThrottle,
+    Request,
+    RevocationStore,
+    SessionAuthenticator,
+)
 from .broker import Broker, InProcessBroker
 from .client import Client
 from .errors import BackendError, PmhubError, Rejected, Unauthenticated
@@ -33,6 +40,7 @@ __all__ = [
     "Identity",
     "InProcessBroker",
     "Limits",
+    "LoginThrottle",
     "MemoryStore",
     "Message",
     "MessageStore",
@@ -44,6 +52,7 @@ __all__ = [
     "ReadReceipt",
     "Rejected",
     "Request",
+    "RevocationStore",
     "SQLiteStore",
     "SessionAuthenticator",
     "StaticPolicy",

@@ -4,7 +4,7 @@
 that adapters build; an :class:`Authenticator` turns it into an
 :class:`Identity` or raises :class:`~pmhub.errors.Unauthenticated`.
 :class:`SessionAuthenticator` is the batteries-included one: an HMAC-signed
-``session`` cookie with server-side revocation.
+``session`` cookie whose logout is kept in the store.
 """
 
 from __future__ import annotations
@@ -20,12 +20,15 @@ from typing import Protocol
 
 import msgspec
 
-from .errors import Unauthenticated
+from .errors import BackendError, Rejected, Unauthenticated
+from .limits import TokenBucket
 
 __all__ = [
     "Authenticator",
     "Identity",
+    "LoginThrottle",
     "Request",
+    "RevocationStore",
     "SessionAuthenticator",
     "origin_allowed",
 ]
@@ -73,9 +76,105 @@ class Authenticator(Protocol):
 
     Raise :class:`~pmhub.errors.Unauthenticated` to refuse it: status 401 for
     missing or invalid credentials, 403 for credentials that were revoked.
+    Raise :class:`~pmhub.errors.BackendError` when what you check against is
+    down: the handshake or request is answered 503, not let through.
     """
 
     async def authenticate(self, request: Request) -> Identity: ...
+
+
+class RevocationStore(Protocol):
+    """Where logged-out sessions are kept until their cookies would expire.
+
+    Both built-in message stores are one: give :class:`SessionAuthenticator`
+    the hub's store, and a logout holds across restarts and for every process
+    that shares the store.
+    """
+
+    async def revoke_session(self, session_id: str, expires_at: float, now: float) -> None:
+        """Refuse ``session_id`` from now on; it may be forgotten after ``expires_at``.
+
+        Times are seconds since the epoch; forget sessions that expired by ``now``.
+        """
+        ...
+
+    async def session_revoked(self, session_id: str) -> bool:
+        """Whether ``session_id`` was revoked (and has not yet expired)."""
+        ...
+
+
+class LoginThrottle:
+    """Slows down password guessing: failed logins per account and per address.
+
+    Each account may fail ``account_burst`` times in a row, then once every
+    ``1 / account_rate`` seconds; each client address has its own budget
+    (``address_burst``, ``address_rate``), so one address cannot try many
+    accounts either. Call :meth:`check` before checking a password (it raises
+    ``rate_limited``: HTTP 429 with ``Retry-After``) and :meth:`failed` after a
+    wrong one. A login that succeeds costs nothing.
+
+    Behind a proxy, pass the client's address as the proxy reports it, not
+    the proxy's. Counters live in this process.
+    """
+
+    def __init__(
+        self,
+        *,
+        account_rate: float = 1 / 12,
+        account_burst: int = 5,
+        address_rate: float = 1 / 3,
+        address_burst: int = 20,
+        max_keys: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._budgets = {
+            "account": (account_rate, account_burst),
+            "address": (address_rate, address_burst),
+        }
+        self._buckets: dict[tuple[str, str], TokenBucket] = {}
+        self.max_keys = max_keys
+        self._clock = clock
+
+    def check(self, account: str, address: str | None) -> None:
+        """Raise ``rate_limited`` while the account or the address must wait."""
+        now = self._clock()
+        wait = max(
+            (
+                bucket.wait(now)
+                for key in self._keys(account, address)
+                if (bucket := self._buckets.get(key))
+            ),
+            default=0.0,
+        )
+        if wait:
+            raise Rejected(
+                "rate_limited", "too many failed logins: try again later", retry_after=wait
+            )
+
+    def failed(self, account: str, address: str | None) -> None:
+        """Count a failed login against the account and the address."""
+        now = self._clock()
+        if len(self._buckets) >= self.max_keys:
+            self._forget(now)
+        for key in self._keys(account, address):
+            bucket = self._buckets.get(key)
+            if bucket is None:
+                rate, burst = self._budgets[key[0]]
+                bucket = self._buckets[key] = TokenBucket(rate, burst, now)
+            bucket.take(now)
+
+    def _keys(self, account: str, address: str | None) -> list[tuple[str, str]]:
+        keys = [("account", account)]
+        if address is not None:
+            keys.append(("address", address))
+        return keys
+
+    def _forget(self, now: float) -> None:
+        # Refilled buckets hold nothing; if that is not enough, the oldest go.
+        self._buckets = {key: b for key, b in self._buckets.items() if not b.full(now)}
+        excess = len(self._buckets) - self.max_keys // 2
+        for key in list(self._buckets)[: max(excess, 0)]:
+            del self._buckets[key]
 
 
 def origin_allowed(origin: str | None, host: str | None, allowed: Collection[str]) -> bool:
@@ -116,12 +215,13 @@ def _unb64(text: str) -> bytes:
 
 
 class SessionAuthenticator:
-    """Signed ``session`` cookies (HMAC-SHA256) with server-side revocation.
+    """Signed ``session`` cookies (HMAC-SHA256), revocable by logging out.
 
     ``issue(user_id)`` makes a cookie value for a user who logged in;
-    ``revoke(value)`` ends that session for good (the hub then closes its
-    connections). Revocations live in memory for the life of the token; every
-    process that serves the same users must share the secret.
+    ``await revoke(value)`` ends that session for good: it is kept in
+    ``revocations`` (the hub's store) until the cookie would have expired,
+    so it stays refused after a restart and on every process that shares the
+    store and the secret. (Close its open connections with ``hub.revoke``.)
     """
 
     cookie_name = "session"
@@ -129,6 +229,7 @@ class SessionAuthenticator:
     def __init__(
         self,
         secret: str | bytes,
+        revocations: RevocationStore,
         *,
         max_age: float = 7 * 24 * 3600,
         clock: Callable[[], float] = time.time,
@@ -137,9 +238,9 @@ class SessionAuthenticator:
         if len(key) < 16:
             raise ValueError("SessionAuthenticator needs a secret of at least 16 bytes")
         self._key = key
+        self.revocations = revocations
         self.max_age = max_age
         self._clock = clock
-        self._revoked: dict[str, float] = {}
         self._decoder = msgspec.json.Decoder(_Token)
 
     def issue(self, user_id: int) -> str:
@@ -148,8 +249,41 @@ class SessionAuthenticator:
         payload = _b64(msgspec.json.encode(token))
         return f"{payload}.{self._sign(payload)}"
 
-    def verify(self, value: str) -> Identity:
+    async def verify(self, value: str) -> Identity:
         """The identity a cookie value carries, or raise ``Unauthenticated``."""
+        token = self._token(value)
+        if await self._revoked(token.session_id):
+            raise Unauthenticated("the session was logged out: log in again", status=403)
+        return Identity(token.user_id, token.session_id)
+
+    async def revoke(self, value: str) -> Identity | None:
+        """Log out the session of a cookie value; return whose it was (None if invalid)."""
+        try:
+            token = self._token(value)
+        except Unauthenticated:
+            return None
+        if await self._revoked(token.session_id):
+            return None
+        try:
+            await self.revocations.revoke_session(token.session_id, token.expires, self._clock())
+        except Exception as exc:
+            raise BackendError(f"could not record the logout: {exc}") from exc
+        return Identity(token.user_id, token.session_id)
+
+    async def _revoked(self, session_id: str) -> bool:
+        try:
+            return await self.revocations.session_revoked(session_id)
+        except Exception as exc:  # the store is down: refuse, as with any store outage
+            raise BackendError(f"could not check the session: {exc}") from exc
+
+    async def authenticate(self, request: Request) -> Identity:
+        value = request.cookies.get(self.cookie_name)
+        if not value:
+            raise Unauthenticated("no session cookie: log in first")
+        return await self.verify(value)
+
+    def _token(self, value: str) -> _Token:
+        """The signed, unexpired token of a cookie value (revocation not checked)."""
         payload, _, signature = value.partition(".")
         # Compared as bytes: compare_digest refuses str with non-ASCII characters.
         if not hmac.compare_digest(_utf8(signature), _utf8(self._sign(payload))):
@@ -158,29 +292,9 @@ class SessionAuthenticator:
             token = self._decoder.decode(_unb64(payload))
         except (ValueError, msgspec.DecodeError):
             raise Unauthenticated("the session cookie is invalid: log in again") from None
-        now = self._clock()
-        if token.expires <= now:
+        if token.expires <= self._clock():
             raise Unauthenticated("the session has expired: log in again")
-        if token.session_id in self._revoked:
-            raise Unauthenticated("the session was logged out: log in again", status=403)
-        return Identity(token.user_id, token.session_id)
-
-    def revoke(self, value: str) -> Identity | None:
-        """Revoke the session of a cookie value; return whose it was (None if invalid)."""
-        try:
-            identity = self.verify(value)
-        except Unauthenticated:
-            return None
-        now = self._clock()
-        self._revoked = {sid: exp for sid, exp in self._revoked.items() if exp > now}
-        self._revoked[str(identity.session_id)] = now + self.max_age
-        return identity
-
-    async def authenticate(self, request: Request) -> Identity:
-        value = request.cookies.get(self.cookie_name)
-        if not value:
-            raise Unauthenticated("no session cookie: log in first")
-        return self.verify(value)
+        return token
 
     def _sign(self, payload: str) -> str:
         return _b64(hmac.new(self._key, _utf8(payload), hashlib.sha256).digest())

@@ -25,7 +25,9 @@ STATUS_BY_CODE: dict[str, int] = {
     "forbidden": 403,
     "not_found": 404,
     "method_not_allowed": 405,
+    "request_timeout": 408,
     "too_large": 413,
+    "unsupported_media_type": 415,
     "rate_limited": 429,
     "unavailable": 503,
 }

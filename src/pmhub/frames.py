@@ -5,7 +5,8 @@ form one tagged union per direction, each with a decoder built once. Decoding
 is strict: anything that is not a valid client frame raises
 :class:`~pmhub.errors.Rejected` with code ``invalid_frame`` and a message that
 says what is wrong and where (``Expected `int`, got `str` - at
-`$.recipient_id```). Unknown fields are ignored.
+`$.recipient_id```). Unknown fields are ignored; a key repeated in one object
+is refused, so a proxy or a log cannot read a frame differently from pmhub.
 
 A fan-out frame is encoded once into an :class:`Outgoing` and the same bytes go
 to every connection.
@@ -13,9 +14,10 @@ to every connection.
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import datetime
-from typing import Annotated, Final
+from typing import Annotated, Any, Final, TypeVar
 
 import msgspec
 
@@ -38,10 +40,13 @@ __all__ = [
     "System",
     "TypingIndicator",
     "UserOnlineStatus",
+    "decode_body",
     "decode_client_frame",
     "decode_server_frame",
     "encode",
 ]
+
+T = TypeVar("T")
 
 #: Integers on the wire stay within what a JavaScript number holds exactly.
 MAX_SAFE_INT: Final = 2**53
@@ -185,6 +190,7 @@ ServerFrame = (
 
 _client_decoder: Final = msgspec.json.Decoder(ClientFrame)
 _server_decoder: Final = msgspec.json.Decoder(ServerFrame)
+_untyped_decoder: Final = msgspec.json.Decoder()
 _encoder: Final = msgspec.json.Encoder()
 # An unterminated string runs to the end, so a match never fails once started:
 # a failed match retried from every later quote would make this quadratic.
@@ -192,9 +198,9 @@ _strings: Final = re.compile(rb'"(?:[^"\\]|\\.)*(?:"|\\?\Z)', re.DOTALL)
 _brackets: Final = re.compile(rb"[\[\]{}]")
 
 
-def _too_deep(data: bytes) -> bool:
+def _too_deep(data: bytes, containers: int) -> bool:
     # Counting brackets is cheap and almost every frame stops here.
-    if data.count(b"[") + data.count(b"{") <= MAX_DEPTH:
+    if containers <= MAX_DEPTH:
         return False
     depth = 0
     for match in _brackets.finditer(_strings.sub(b"", data)):
@@ -207,15 +213,78 @@ def _too_deep(data: bytes) -> bool:
     return False
 
 
-def decode_client_frame(data: str | bytes) -> ClientFrame:
-    """Decode one client frame, or raise ``Rejected("invalid_frame", ...)``."""
+def _pairs(value: object) -> int:
+    """How many key/value pairs the objects in a decoded JSON value hold."""
+    if isinstance(value, dict):
+        return len(value) + sum(_pairs(item) for item in value.values() if _nested(item))
+    if isinstance(value, list):
+        return sum(_pairs(item) for item in value if _nested(item))
+    return 0
+
+
+def _nested(value: object) -> bool:
+    return isinstance(value, (dict, list))
+
+
+def _duplicate_key(data: bytes, containers: int) -> str | None:
+    """The first key that some object in ``data`` (valid JSON) holds twice, if any.
+
+    Every pair has one ``:`` outside strings; a decoded object keeps one pair
+    per distinct key, so fewer pairs than such colons means a repeated key.
+    """
+    colons = data.count(b":")
+    if not colons:
+        return None
+    tree = _untyped_decoder.decode(data)
+    pairs = len(tree) if containers == 1 and isinstance(tree, dict) else _pairs(tree)
+    if colons == pairs or _strings.sub(b"", data).count(b":") == pairs:
+        return None
+    repeated: list[str] = []
+
+    def pairs_hook(items: list[tuple[str, object]]) -> dict[str, object]:
+        keys = [key for key, _ in items]
+        if not repeated and len(set(keys)) < len(keys):
+            repeated.append(next(key for key in keys if keys.count(key) > 1))
+        return dict(items)
+
+    json.loads(data, object_pairs_hook=pairs_hook)
+    return repeated[0] if repeated else "?"
+
+
+def _decode(data: str | bytes, decoder: msgspec.json.Decoder[T]) -> T:
+    """Decode strictly: depth, schema, and no key twice in one object."""
     raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
-    if _too_deep(raw):
+    containers = raw.count(b"[") + raw.count(b"{")
+    if _too_deep(raw, containers):
         raise Rejected("invalid_frame", f"JSON is nested deeper than {MAX_DEPTH} levels")
     try:
-        return _client_decoder.decode(raw)
+        value = decoder.decode(raw)
+        # Also reads the unknown fields the typed decoder skipped.
+        key = _duplicate_key(raw, containers)
     except (msgspec.DecodeError, RecursionError) as exc:
         raise Rejected("invalid_frame", _describe(exc)) from None
+    if key is not None:
+        raise Rejected("invalid_frame", f"JSON object has the key {key!r} more than once")
+    return value
+
+
+def decode_client_frame(data: str | bytes) -> ClientFrame:
+    """Decode one client frame, or raise ``Rejected("invalid_frame", ...)``."""
+    return _decode(data, _client_decoder)
+
+
+def decode_body(data: bytes, schema: type[T]) -> T:
+    """Decode an HTTP request body into ``schema`` with the rules frames follow.
+
+    Raises ``Rejected("invalid_frame", ...)`` like :func:`decode_client_frame`.
+    """
+    decoder: msgspec.json.Decoder[T] | None = _body_decoders.get(schema)
+    if decoder is None:
+        decoder = _body_decoders[schema] = msgspec.json.Decoder(schema)
+    return _decode(data, decoder)
+
+
+_body_decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
 
 
 def _describe(exc: Exception) -> str:

@@ -41,6 +41,12 @@ class Limits:
     #: Seconds between pings, and how long a ping may go unanswered.
     ping_interval: float = 20.0
     ping_timeout: float = 20.0
+    #: HTTP requests, where pmhub runs the server (``serve()``): seconds to
+    #: receive a whole request (else 408 and close), and the most bytes and
+    #: headers in its head (else 431).
+    request_timeout: float = 10.0
+    max_header_size: int = 16 * 1024
+    max_headers: int = 100
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
@@ -65,11 +71,15 @@ class TokenBucket:
 
     def take(self, now: float) -> float:
         """Take one token: 0.0 when allowed, else the seconds to wait for one."""
-        self._refill(now)
-        if self.tokens >= 1.0:
+        wait = self.wait(now)
+        if not wait:
             self.tokens -= 1.0
-            return 0.0
-        return (1.0 - self.tokens) / self.rate
+        return wait
+
+    def wait(self, now: float) -> float:
+        """Like :meth:`take` without taking: 0.0 when a token is there, else the wait."""
+        self._refill(now)
+        return 0.0 if self.tokens >= 1.0 else (1.0 - self.tokens) / self.rate
 
     def full(self, now: float) -> bool:
         """True when the bucket has refilled completely (it can be forgotten)."""

@@ -10,13 +10,19 @@ Each check raises ``AssertionError`` naming the rule a backend broke.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import anyio
 
+from .auth import RevocationStore
 from .broker import Broker, Deliver, Deliverer, Event, Presence, Revoke
 from .frames import Message
 from .store import Draft, MessageStore
 
-__all__ = ["check_broker", "check_store"]
+__all__ = ["check_broker", "check_revocations", "check_store"]
+
+
+Reopen = Callable[[], Awaitable[RevocationStore]]
 
 
 def _check(condition: bool, rule: str) -> None:
@@ -52,9 +58,7 @@ async def check_store(store: MessageStore) -> None:
 
     ids = [first.id, other.id]
     for n in range(5):
-        message, _ = await save(
-            Draft(alice if n % 2 else bob, bob if n % 2 else alice, f"m{n}")
-        )
+        message, _ = await save(Draft(alice if n % 2 else bob, bob if n % 2 else alice, f"m{n}"))
         ids.append(message.id)
     noise, _ = await save(Draft(carol, bob, "not for alice"))
     _check(ids == sorted(ids) and len(set(ids)) == len(ids), "ids strictly increase")
@@ -152,6 +156,29 @@ async def _check_batches(store: MessageStore) -> None:
         all(m.content.startswith(f"{m.sender_id}/") for m in received),
         "each id holds the content saved under it",
     )
+
+
+async def check_revocations(store: RevocationStore, *, reopen: Reopen | None = None) -> None:
+    """Check the rules of :class:`~pmhub.auth.RevocationStore` on a fresh store.
+
+    With ``reopen`` (an async callable returning the same store opened anew,
+    for a durable store), also check that revocations survive it.
+    """
+    now = 1_000_000.0
+    _check(not await store.session_revoked("s-1"), "an unknown session is not revoked")
+    await store.revoke_session("s-1", now + 60, now)
+    await store.revoke_session("s-2", now + 10, now)
+    await store.revoke_session("s-1", now + 60, now)  # twice is harmless
+    _check(await store.session_revoked("s-1"), "a revoked session stays revoked")
+    _check(not await store.session_revoked("s-3"), "revoking one session leaves the others")
+    await store.revoke_session("s-3", now + 60, now + 30)  # s-2 has expired by now
+    _check(await store.session_revoked("s-3"), "a revoked session stays revoked")
+    _check(await store.session_revoked("s-1"), "an unexpired revocation is not pruned")
+    _check(not await store.session_revoked("s-2"), "an expired revocation is pruned")
+    if reopen is not None:
+        store = await reopen()
+        _check(await store.session_revoked("s-1"), "revocations survive reopening the store")
+        _check(not await store.session_revoked("s-4"), "reopening revokes nothing new")
 
 
 async def check_broker(first: Broker, second: Broker) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -24,7 +25,7 @@ import msgspec
 
 from ..auth import Authenticator, Identity, Request, origin_allowed
 from ..errors import BackendError, Rejected
-from ..frames import ClientId, Id, encode
+from ..frames import MAX_SAFE_INT, ClientId, Id, decode_body, encode
 from ..hub import Hub
 from ..protocol import CLOSE_INTERNAL_ERROR, CLOSE_POLICY_VIOLATION
 
@@ -51,7 +52,9 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 S = TypeVar("S", bound=msgspec.Struct)
-JSON = [(b"content-type", b"application/json")]
+#: On every response: a browser never guesses another type than the one sent.
+NOSNIFF = (b"x-content-type-options", b"nosniff")
+JSON = [(b"content-type", b"application/json"), NOSNIFF]
 
 
 class _PostMessage(msgspec.Struct, frozen=True):
@@ -114,6 +117,32 @@ class PmhubApp:
         else:
             await respond_json(send, 404, _error_body("not_found", f"no route for {path}"))
 
+    def guard(self, scope: Scope) -> Request:
+        """The request of an HTTP scope, refused if it may be forged by another site.
+
+        A request that changes state (any method but GET and HEAD) is refused
+        with 403 ``forbidden`` when it comes from a page of a foreign Origin,
+        and with 415 ``unsupported_media_type`` when it carries a body that is
+        not ``application/json`` (an HTML form can send no such body). Route
+        your own state-changing endpoints (a login!) through it too.
+        """
+        request = request_from(scope)
+        if scope["method"] in ("GET", "HEAD"):
+            return request
+        headers = request.headers
+        if not origin_allowed(headers.get("origin"), headers.get("host"), self.allowed_origins):
+            raise Rejected("forbidden", "this Origin may not make this request")
+        media_type = headers.get("content-type", "").partition(";")[0].strip().lower()
+        has_body = headers.get("content-length", "0").strip() != "0" or (
+            "transfer-encoding" in headers
+        )
+        if (media_type or has_body) and media_type != "application/json":
+            raise Rejected(
+                "unsupported_media_type",
+                "send the body as JSON, with Content-Type: application/json",
+            )
+        return request
+
     # -- lifespan --------------------------------------------------------------------
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
@@ -136,20 +165,27 @@ class PmhubApp:
     # -- WebSocket ---------------------------------------------------------------------
 
     async def _handshake(self, scope: Scope, send: Send) -> Identity | None:
-        """Who is connecting, or None once the handshake has been refused."""
+        """Who is connecting, or None once the handshake has been refused.
+
+        Refusals are normal traffic: they are counted (``metrics.error``), not
+        logged as errors.
+        """
         request = request_from(scope)
-        if not origin_allowed(
-            request.headers.get("origin"), request.headers.get("host"), self.allowed_origins
-        ):
-            await _refuse(scope, send, 403, "forbidden", "this Origin may not connect")
-            return None
+        headers = request.headers
         try:
+            if not origin_allowed(headers.get("origin"), headers.get("host"), self.allowed_origins):
+                raise Rejected("forbidden", "this Origin may not connect")
             identity = await self.authenticator.authenticate(request)
+            if not self.hub.running:
+                raise BackendError("the hub is not running")
         except Rejected as exc:
+            self.hub.metrics.error(exc.code)
             await _refuse(scope, send, exc.status, exc.code, exc.message)
             return None
-        if not self.hub.running:
-            await _refuse(scope, send, 503, "unavailable", "the hub is not running")
+        except BackendError as exc:
+            logger.warning("refused a WebSocket: %s", exc)
+            self.hub.metrics.error("unavailable")
+            await _refuse(scope, send, 503, "unavailable", "the service is unavailable: try again")
             return None
         return identity
 
@@ -212,11 +248,7 @@ class PmhubApp:
                 return
             if not self.hub.running:
                 raise BackendError("the hub is not running")
-            request = request_from(scope)
-            if method not in ("GET", "HEAD") and not origin_allowed(
-                request.headers.get("origin"), request.headers.get("host"), self.allowed_origins
-            ):
-                raise Rejected("forbidden", "this Origin may not make this request")
+            request = self.guard(scope)
             match parts:
                 case ["api", "messages"]:
                     _allow(method, "POST")
@@ -290,7 +322,7 @@ class PmhubApp:
             {
                 "type": "http.response.start",
                 "status": 200,
-                "headers": [(b"content-type", content_type.encode())],
+                "headers": [(b"content-type", content_type.encode()), NOSNIFF],
             }
         )
         await send({"type": "http.response.body", "body": body})
@@ -326,17 +358,35 @@ def _query(scope: Scope) -> dict[str, str]:
 def _int_param(query: Mapping[str, str], name: str) -> int | None:
     if name not in query:
         return None
-    try:
-        return int(query[name])
-    except ValueError:
-        raise Rejected("invalid_frame", f"query parameter {name} must be an integer") from None
+    value = _integer(query[name])
+    if value is None:
+        raise Rejected("invalid_frame", f"query parameter {name} must be an integer")
+    return _in_range(value, f"query parameter {name}")
 
 
 def _user_id(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise Rejected("not_found", f"{text!r} is not a user id") from None
+    value = _integer(text)
+    if value is None:
+        raise Rejected("not_found", f"{text[:40]!r} is not a user id")
+    return _in_range(value, "a user id")
+
+
+def _integer(text: str) -> int | None:
+    # ASCII digits only: int() also takes "1_000", " 7" and other scripts' digits.
+    if not _DECIMAL.fullmatch(text):
+        return None
+    if len(text.lstrip("-0")) > 16:  # beyond ±2^53 (and int() refuses 4,300 digits)
+        return -MAX_SAFE_INT - 1
+    return int(text)
+
+
+def _in_range(value: int, what: str) -> int:
+    if not -MAX_SAFE_INT <= value <= MAX_SAFE_INT:
+        raise Rejected("invalid_frame", f"{what} must be an integer within ±2^53")
+    return value
+
+
+_DECIMAL = re.compile(r"-?[0-9]+")
 
 
 def _allow(method: str, allowed: str) -> None:
@@ -350,7 +400,7 @@ async def respond_error(send: Send, exc: Rejected) -> None:
     ``rate_limited`` gets a ``Retry-After`` header (whole seconds, rounded up);
     405 an ``Allow`` header naming the method (the message ends with it).
     """
-    headers = list(JSON)
+    headers = []
     if exc.retry_after is not None:
         headers.append((b"retry-after", str(math.ceil(exc.retry_after)).encode()))
     if exc.status == 405:
@@ -363,10 +413,11 @@ def _error_body(code: str, message: str) -> bytes:
 
 
 async def respond_json(
-    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
+    send: Send, status: int, body: bytes, headers: Collection[tuple[bytes, bytes]] = ()
 ) -> None:
-    """Send a complete JSON response (``body`` is already encoded)."""
-    headers = [*(headers or JSON), (b"content-length", str(len(body)).encode())]
+    """Send a complete JSON response (``body`` is already encoded), with ``headers``
+    besides its content type and length."""
+    headers = [*JSON, *headers, (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -390,9 +441,9 @@ async def read_json(receive: Receive, schema: type[S], limit: int) -> S:
         if not message.get("more_body", False):
             break
     try:
-        return msgspec.json.decode(b"".join(chunks), type=schema)
-    except msgspec.DecodeError as exc:
-        raise Rejected("invalid_frame", f"invalid JSON body: {exc}") from None
+        return decode_body(b"".join(chunks), schema)
+    except Rejected as exc:
+        raise Rejected("invalid_frame", f"invalid JSON body: {exc.message}") from None
 
 
 async def _refuse(scope: Scope, send: Send, status: int, code: str, message: str) -> None:
@@ -407,12 +458,16 @@ async def _refuse(scope: Scope, send: Send, status: int, code: str, message: str
 async def serve(app: ASGIApp, hub: Hub, *, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Serve ``app`` (which runs ``hub``) with uvicorn, configured as pmhub expects.
 
-    Pings follow ``hub.limits``; on shutdown every connection is closed with
-    1001 before the server stops, and after Ctrl+C or SIGTERM this returns
+    HTTP is parsed by h11, with ``hub.limits`` on requests (10 s to send one,
+    16 KiB and 100 headers: 408 or 431 beyond); WebSockets by ``websockets``,
+    with pings following ``hub.limits``. On shutdown every connection is closed
+    with 1001 before the server stops, and after Ctrl+C or SIGTERM this returns
     normally. Needs ``pip install 'pmhub[examples]'``.
     """
     try:
         import uvicorn
+
+        from ._uvicorn import MAX_HEADER_LINE, protocols
     except ImportError:  # pragma: no cover - depends on the environment
         raise ImportError("serve() needs uvicorn: pip install 'pmhub[examples]'") from None
 
@@ -426,13 +481,18 @@ async def serve(app: ASGIApp, hub: Hub, *, host: str = "127.0.0.1", port: int = 
             if isinstance(captured, list):
                 captured.clear()
 
+    limits = hub.limits
+    http, ws = protocols(limits, hub.metrics)
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
-        ws_ping_interval=hub.limits.ping_interval,
-        ws_ping_timeout=hub.limits.ping_timeout,
-        ws_max_size=hub.limits.max_frame_size * 4 + 1024,  # pmhub closes with 1009 first
+        http=http,
+        ws=ws,
+        h11_max_incomplete_event_size=limits.max_header_size + MAX_HEADER_LINE,
+        ws_ping_interval=limits.ping_interval,
+        ws_ping_timeout=limits.ping_timeout,
+        ws_max_size=limits.max_frame_size * 4 + 1024,  # pmhub closes with 1009 first
         log_level="info",
     )
     await Server(config).serve()

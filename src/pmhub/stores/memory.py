@@ -19,6 +19,7 @@ class MemoryStore:
     def __init__(self) -> None:
         self._messages: list[Message] = []  # in id order; id == index + 1
         self._by_client_id: dict[tuple[int, str], int] = {}  # → id
+        self._revoked: dict[str, float] = {}  # session id → when its cookie expires
 
     async def save_many(self, drafts: Sequence[Draft]) -> list[tuple[Message, bool]]:
         for draft in drafts:  # refuse the whole batch before changing anything
@@ -103,6 +104,13 @@ class MemoryStore:
         rows = [Conversation(peer, m, unread.get(peer, 0)) for peer, m in last.items()]
         rows.sort(key=lambda row: row.last_message.id, reverse=True)
         return rows
+
+    async def revoke_session(self, session_id: str, expires_at: float, now: float) -> None:
+        self._revoked = {sid: until for sid, until in self._revoked.items() if until > now}
+        self._revoked[session_id] = expires_at
+
+    async def session_revoked(self, session_id: str) -> bool:
+        return session_id in self._revoked
 
     async def ping(self) -> None:
         return None

@@ -5,7 +5,9 @@ one long-lived connection writes (``BEGIN IMMEDIATE``; the hub hands it whole
 batches, so one transaction and one thread hop serve many messages) and one
 reads (WAL lets reads run beside writes). Ids come from ``AUTOINCREMENT``
 under that single writer, so they grow strictly in commit order, also across
-processes sharing the file.
+processes sharing the file. Logged-out sessions are kept in the same file
+(:class:`~pmhub.auth.RevocationStore`), so a logout lasts across restarts and
+holds for every process on it.
 """
 
 from __future__ import annotations
@@ -44,6 +46,10 @@ CREATE INDEX IF NOT EXISTS messages_by_pair     ON messages (sender_id, receiver
 CREATE INDEX IF NOT EXISTS messages_by_receiver ON messages (receiver_id, id);
 CREATE INDEX IF NOT EXISTS messages_unread      ON messages (receiver_id, sender_id)
     WHERE is_read = 0;
+CREATE TABLE IF NOT EXISTS revoked_sessions (
+    session_id  TEXT PRIMARY KEY,
+    expires_at  REAL NOT NULL                -- seconds since the epoch
+) WITHOUT ROWID;
 COMMIT;
 """
 
@@ -253,6 +259,24 @@ class SQLiteStore:
                 {"u": user_id},
             ).fetchall()
             return [Conversation(row[0], _message(row[2:]), row[1]) for row in rows]
+
+        return await self._read(work)
+
+    async def revoke_session(self, session_id: str, expires_at: float, now: float) -> None:
+        def work(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM revoked_sessions WHERE expires_at <= ?", (now,))
+            conn.execute(
+                "INSERT INTO revoked_sessions (session_id, expires_at) VALUES (?, ?)"
+                " ON CONFLICT (session_id) DO UPDATE SET expires_at = excluded.expires_at",
+                (session_id, expires_at),
+            )
+
+        await self._write(work)
+
+    async def session_revoked(self, session_id: str) -> bool:
+        def work(conn: sqlite3.Connection) -> bool:
+            query = "SELECT 1 FROM revoked_sessions WHERE session_id = ?"
+            return conn.execute(query, (session_id,)).fetchone() is not None
 
         return await self._read(work)
 
