@@ -130,26 +130,41 @@ async def test_a_logout_holds_for_a_new_process_on_the_same_file(tmp_path: Path)
         await second.aclose()
 
 
-async def test_revocations_are_kept_until_the_cookie_expires(tmp_path: Path) -> None:
+async def test_revocations_are_kept_until_the_cookie_expires() -> None:
     clock = Clock()
     store = MemoryStore()
     auth = SessionAuthenticator(SECRET, store, max_age=60, clock=clock)
     value = auth.issue(1)
     await auth.revoke(value)
-    session_id = auth._token(value).session_id
     clock.now += 59  # another logout prunes only what expired
     await auth.revoke(auth.issue(2))
-    assert await store.session_revoked(session_id)
+    assert len((await store.revocations_since(0))[0]) == 2
     clock.now += 2
     await auth.revoke(auth.issue(3))
-    assert not await store.session_revoked(session_id)  # the cookie is refused as expired
+    assert len((await store.revocations_since(0))[0]) == 2  # the first cookie has expired
+
+
+async def test_a_logout_on_another_process_holds_within_the_refresh_interval() -> None:
+    clock = Clock()
+    store = MemoryStore()  # shared, as a SQLite file is by two processes
+    here = SessionAuthenticator(SECRET, store, clock=clock, refresh_interval=1.0)
+    there = SessionAuthenticator(SECRET, store, clock=clock, refresh_interval=1.0)
+    value = here.issue(1)
+    assert (await there.verify(value)).user_id == 1  # `there` has read the store now
+    assert await here.revoke(value) is not None
+    await refused(here, value)  # at once on the process that logged out
+    clock.now += 0.5
+    assert (await there.verify(value)).user_id == 1  # not yet read there
+    clock.now += 0.5
+    assert (await refused(there, value)).status == 403  # read within the interval
+    assert await there.revoke(value) is None  # already revoked
 
 
 class BrokenRevocations:
     async def revoke_session(self, session_id: str, expires_at: float, now: float) -> None:
         raise OSError("disk on fire")
 
-    async def session_revoked(self, session_id: str) -> bool:
+    async def revocations_since(self, cursor: int) -> tuple[list[tuple[str, float]], int]:
         raise OSError("disk on fire")
 
 

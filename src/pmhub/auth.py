@@ -12,12 +12,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import math
 import secrets
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import anyio
 import msgspec
 
 from .errors import BackendError, Rejected, Unauthenticated
@@ -92,14 +94,20 @@ class RevocationStore(Protocol):
     """
 
     async def revoke_session(self, session_id: str, expires_at: float, now: float) -> None:
-        """Refuse ``session_id`` from now on; it may be forgotten after ``expires_at``.
+        """Keep ``session_id`` as revoked; it may be forgotten after ``expires_at``.
 
-        Times are seconds since the epoch; forget sessions that expired by ``now``.
+        Times are seconds since the epoch; forget the sessions that expired by
+        ``now``. Revoking a session twice keeps the first.
         """
         ...
 
-    async def session_revoked(self, session_id: str) -> bool:
-        """Whether ``session_id`` was revoked (and has not yet expired)."""
+    async def revocations_since(self, cursor: int) -> tuple[list[tuple[str, float]], int]:
+        """The sessions revoked after ``cursor`` (``0``: all kept), each with when it
+        expires, in the order they were revoked; and the cursor for the next call.
+
+        Cursors grow in commit order, also across processes, so a reader that
+        passes back the last one sees every later revocation exactly once.
+        """
         ...
 
 
@@ -222,6 +230,11 @@ class SessionAuthenticator:
     ``revocations`` (the hub's store) until the cookie would have expired,
     so it stays refused after a restart and on every process that shares the
     store and the secret. (Close its open connections with ``hub.revoke``.)
+
+    Handshakes do not each ask the store: the authenticator reads what was
+    revoked since its last look at most every ``refresh_interval`` seconds,
+    so a logout on another process holds here within that time (at once on
+    this one).
     """
 
     cookie_name = "session"
@@ -232,6 +245,7 @@ class SessionAuthenticator:
         revocations: RevocationStore,
         *,
         max_age: float = 7 * 24 * 3600,
+        refresh_interval: float = 1.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         key = secret.encode() if isinstance(secret, str) else secret
@@ -240,8 +254,15 @@ class SessionAuthenticator:
         self._key = key
         self.revocations = revocations
         self.max_age = max_age
+        self.refresh_interval = refresh_interval
         self._clock = clock
         self._decoder = msgspec.json.Decoder(_Token)
+        # The store's revocations as last read: session id → when it expires.
+        self._revoked: dict[str, float] = {}
+        self._cursor = 0
+        self._fresh_until = -math.inf
+        self._prune_at = -math.inf
+        self._reading = anyio.Lock()
 
     def issue(self, user_id: int) -> str:
         """A fresh signed cookie value for ``user_id``."""
@@ -252,7 +273,7 @@ class SessionAuthenticator:
     async def verify(self, value: str) -> Identity:
         """The identity a cookie value carries, or raise ``Unauthenticated``."""
         token = self._token(value)
-        if await self._revoked(token.session_id):
+        if await self._is_revoked(token.session_id):
             raise Unauthenticated("the session was logged out: log in again", status=403)
         return Identity(token.user_id, token.session_id)
 
@@ -262,19 +283,33 @@ class SessionAuthenticator:
             token = self._token(value)
         except Unauthenticated:
             return None
-        if await self._revoked(token.session_id):
+        if await self._is_revoked(token.session_id):
             return None
         try:
             await self.revocations.revoke_session(token.session_id, token.expires, self._clock())
         except Exception as exc:
             raise BackendError(f"could not record the logout: {exc}") from exc
+        self._revoked[token.session_id] = token.expires
         return Identity(token.user_id, token.session_id)
 
-    async def _revoked(self, session_id: str) -> bool:
+    async def _is_revoked(self, session_id: str) -> bool:
+        if session_id not in self._revoked and self._clock() >= self._fresh_until:
+            async with self._reading:  # one read serves every handshake waiting for it
+                if self._clock() >= self._fresh_until:
+                    await self._read_revocations()
+        return session_id in self._revoked
+
+    async def _read_revocations(self) -> None:
         try:
-            return await self.revocations.session_revoked(session_id)
+            new, self._cursor = await self.revocations.revocations_since(self._cursor)
         except Exception as exc:  # the store is down: refuse, as with any store outage
             raise BackendError(f"could not check the session: {exc}") from exc
+        self._revoked.update(new)
+        now = self._clock()
+        if now >= self._prune_at:
+            self._revoked = {sid: until for sid, until in self._revoked.items() if until > now}
+            self._prune_at = now + 60.0
+        self._fresh_until = now + self.refresh_interval
 
     async def authenticate(self, request: Request) -> Identity:
         value = request.cookies.get(self.cookie_name)

@@ -165,20 +165,28 @@ async def check_revocations(store: RevocationStore, *, reopen: Reopen | None = N
     for a durable store), also check that revocations survive it.
     """
     now = 1_000_000.0
-    _check(not await store.session_revoked("s-1"), "an unknown session is not revoked")
+
+    async def since(cursor: int) -> tuple[dict[str, float], int]:
+        new, after = await store.revocations_since(cursor)
+        _check(after >= cursor, "the cursor never goes back")
+        _check(len({sid for sid, _ in new}) == len(new), "each revocation is read once")
+        return dict(new), after
+
+    _check(await since(0) == ({}, 0), "a fresh store has no revocations, cursor 0")
     await store.revoke_session("s-1", now + 60, now)
     await store.revoke_session("s-2", now + 10, now)
-    await store.revoke_session("s-1", now + 60, now)  # twice is harmless
-    _check(await store.session_revoked("s-1"), "a revoked session stays revoked")
-    _check(not await store.session_revoked("s-3"), "revoking one session leaves the others")
+    everything, first = await since(0)
+    _check(everything == {"s-1": now + 60, "s-2": now + 10}, "revocations are read back")
+    await store.revoke_session("s-1", now + 99, now)  # twice keeps the first
+    _check(await since(first) == ({}, first), "revoking a session again adds nothing")
     await store.revoke_session("s-3", now + 60, now + 30)  # s-2 has expired by now
-    _check(await store.session_revoked("s-3"), "a revoked session stays revoked")
-    _check(await store.session_revoked("s-1"), "an unexpired revocation is not pruned")
-    _check(not await store.session_revoked("s-2"), "an expired revocation is pruned")
+    new, second = await since(first)
+    _check(new == {"s-3": now + 60}, "a later read gets only what was revoked since")
+    everything, _ = await since(0)
+    _check(everything == {"s-1": now + 60, "s-3": now + 60}, "expired revocations are pruned")
     if reopen is not None:
         store = await reopen()
-        _check(await store.session_revoked("s-1"), "revocations survive reopening the store")
-        _check(not await store.session_revoked("s-4"), "reopening revokes nothing new")
+        _check(await since(0) == (everything, second), "revocations survive reopening the store")
 
 
 async def check_broker(first: Broker, second: Broker) -> None:

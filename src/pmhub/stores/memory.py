@@ -19,7 +19,9 @@ class MemoryStore:
     def __init__(self) -> None:
         self._messages: list[Message] = []  # in id order; id == index + 1
         self._by_client_id: dict[tuple[int, str], int] = {}  # → id
-        self._revoked: dict[str, float] = {}  # session id → when its cookie expires
+        # session id → (cursor, when its cookie expires), in cursor order
+        self._revoked: dict[str, tuple[int, float]] = {}
+        self._revocations = 0
 
     async def save_many(self, drafts: Sequence[Draft]) -> list[tuple[Message, bool]]:
         for draft in drafts:  # refuse the whole batch before changing anything
@@ -106,11 +108,14 @@ class MemoryStore:
         return rows
 
     async def revoke_session(self, session_id: str, expires_at: float, now: float) -> None:
-        self._revoked = {sid: until for sid, until in self._revoked.items() if until > now}
-        self._revoked[session_id] = expires_at
+        self._revoked = {sid: kept for sid, kept in self._revoked.items() if kept[1] > now}
+        if session_id not in self._revoked:
+            self._revocations += 1
+            self._revoked[session_id] = (self._revocations, expires_at)
 
-    async def session_revoked(self, session_id: str) -> bool:
-        return session_id in self._revoked
+    async def revocations_since(self, cursor: int) -> tuple[list[tuple[str, float]], int]:
+        new = [(sid, until) for sid, (seq, until) in self._revoked.items() if seq > cursor]
+        return new, max(cursor, self._revocations)
 
     async def ping(self) -> None:
         return None

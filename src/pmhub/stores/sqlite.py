@@ -47,9 +47,10 @@ CREATE INDEX IF NOT EXISTS messages_by_receiver ON messages (receiver_id, id);
 CREATE INDEX IF NOT EXISTS messages_unread      ON messages (receiver_id, sender_id)
     WHERE is_read = 0;
 CREATE TABLE IF NOT EXISTS revoked_sessions (
-    session_id  TEXT PRIMARY KEY,
-    expires_at  REAL NOT NULL                -- seconds since the epoch
-) WITHOUT ROWID;
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,  -- grows in commit order: a cursor
+    session_id  TEXT    NOT NULL UNIQUE,
+    expires_at  REAL    NOT NULL                    -- seconds since the epoch
+);
 COMMIT;
 """
 
@@ -267,16 +268,20 @@ class SQLiteStore:
             conn.execute("DELETE FROM revoked_sessions WHERE expires_at <= ?", (now,))
             conn.execute(
                 "INSERT INTO revoked_sessions (session_id, expires_at) VALUES (?, ?)"
-                " ON CONFLICT (session_id) DO UPDATE SET expires_at = excluded.expires_at",
+                " ON CONFLICT (session_id) DO NOTHING",
                 (session_id, expires_at),
             )
 
         await self._write(work)
 
-    async def session_revoked(self, session_id: str) -> bool:
-        def work(conn: sqlite3.Connection) -> bool:
-            query = "SELECT 1 FROM revoked_sessions WHERE session_id = ?"
-            return conn.execute(query, (session_id,)).fetchone() is not None
+    async def revocations_since(self, cursor: int) -> tuple[list[tuple[str, float]], int]:
+        def work(conn: sqlite3.Connection) -> tuple[list[tuple[str, float]], int]:
+            rows = conn.execute(
+                "SELECT seq, session_id, expires_at FROM revoked_sessions"
+                " WHERE seq > ? ORDER BY seq",
+                (cursor,),
+            ).fetchall()
+            return [(sid, until) for _, sid, until in rows], rows[-1][0] if rows else cursor
 
         return await self._read(work)
 
