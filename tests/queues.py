@@ -1,4 +1,4 @@
-"""What the hub queued for a :class:`~pmhub.client.Client`, for the tests that
+"""What the hub queued for a :class:`~pmhub.connection.Connection`, for the tests that
 drive the hub without sockets."""
 
 from __future__ import annotations
@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pmhub.client import Client
+from pmhub.connection import Connection
 
 __all__ = ["drain"]
 
 
-async def drain(client: Client) -> list[dict[str, Any]]:
+async def drain(client: Connection) -> list[dict[str, Any]]:
     """Every frame queued for ``client`` so far, decoded, without waiting."""
     frames = []
     while client._queue:

@@ -108,7 +108,7 @@ class Demo:
     async def let_go(self, user_id: int, count: int) -> None:
         """Wait until the hub holds exactly ``count`` connections of ``user_id``."""
         await self.server.until(
-            lambda: len(self.hub.clients(user_id)) == count,
+            lambda: len(self.hub.connections(user_id)) == count,
             what=f"{count} connection(s) of user {user_id}",
         )
 

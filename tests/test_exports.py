@@ -38,7 +38,7 @@ def public_classes(module: ModuleType) -> set[str]:
 # The modules whose every class is part of the top-level API.
 API_MODULES = [
     "pmhub.auth",
-    "pmhub.client",
+    "pmhub.connection",
     "pmhub.errors",
     "pmhub.hub",
     "pmhub.metrics",

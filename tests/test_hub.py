@@ -18,7 +18,7 @@ import pytest
 from queues import drain
 
 from pmhub import BackendError, Hub, Identity, Limits, MemoryStore, Rejected, StaticPolicy
-from pmhub.client import Client
+from pmhub.connection import Connection
 from pmhub.store import Draft, ReadReceipt
 
 pytestmark = pytest.mark.anyio
@@ -48,12 +48,12 @@ async def running_hub(store: MemoryStore | None = None, **options: Any) -> Async
         yield hub
 
 
-async def drain_all(*clients: Client) -> None:
+async def drain_all(*clients: Connection) -> None:
     for client in clients:
         await drain(client)
 
 
-async def next_frame(client: Client) -> Frame:
+async def next_frame(client: Connection) -> Frame:
     """Wait for the next frame ``client`` is sent."""
     with anyio.fail_after(5):
         outgoing = await client.next_frame()
@@ -62,7 +62,7 @@ async def next_frame(client: Client) -> Frame:
 
 
 async def send(
-    hub: Hub, client: Client, recipient: int, content: str, client_id: str | None = None
+    hub: Hub, client: Connection, recipient: int, content: str, client_id: str | None = None
 ) -> None:
     frame: Frame = {"type": "private_message", "recipient_id": recipient, "content": content}
     if client_id is not None:
@@ -77,7 +77,7 @@ async def committed() -> None:
     await anyio.wait_all_tasks_blocked()
 
 
-async def send_ok(hub: Hub, client: Client, recipient: int, content: str) -> int:
+async def send_ok(hub: Hub, client: Connection, recipient: int, content: str) -> int:
     """Send a message that must be accepted; return its id (drains the sender's queue)."""
     await drain(client)
     await send(hub, client, recipient, content)
@@ -172,10 +172,10 @@ async def test_presence_never_leaks_to_strangers() -> None:
 async def test_clients_lists_the_open_connections_of_a_user() -> None:
     async with running_hub() as hub:
         async with hub.connect(Identity(ALICE)) as phone, hub.connect(Identity(ALICE)) as laptop:
-            assert {c.id for c in hub.clients(ALICE)} == {phone.id, laptop.id}
-            assert hub.clients(BOB) == []
+            assert {c.id for c in hub.connections(ALICE)} == {phone.id, laptop.id}
+            assert hub.connections(BOB) == []
             assert await hub.health() == {"connections": 2, "users_online": 1}
-        assert hub.clients(ALICE) == []
+        assert hub.connections(ALICE) == []
 
 
 async def test_connect_needs_a_running_hub() -> None:

@@ -42,7 +42,7 @@ from queues import drain
 
 from pmhub import Hub, Identity, Limits, MemoryStore, Message, Rejected, StaticPolicy
 from pmhub.broker import Deliver, Deliverer, Event
-from pmhub.client import Client
+from pmhub.connection import Connection
 from pmhub.store import Draft
 
 USERS = [1, 2, 3, 4]
@@ -91,8 +91,8 @@ class ModelMessage:
 @dataclass(eq=False)
 class Device:
     user: int
-    client: Client
-    context: AbstractContextManager[Client]
+    client: Connection
+    context: AbstractContextManager[Connection]
     #: The highest message id when it connected: it gets every later one of its user.
     joined_after: int
     live_ids: list[int] = field(default_factory=list)
@@ -342,7 +342,7 @@ class HubMachine(RuleBasedStateMachine):
     @invariant()
     def hub_lists_the_open_connections(self) -> None:
         for user in USERS:
-            clients = self.portal.call(self.hub.clients, user)
+            clients = self.portal.call(self.hub.connections, user)
             assert {c.id for c in clients} == {d.client.id for d in self.of_user(user)}
 
 
@@ -484,8 +484,8 @@ class Sent:
 class NodeDevice:
     user: int
     node: str
-    client: Client
-    context: AbstractContextManager[Client]
+    client: Connection
+    context: AbstractContextManager[Connection]
     #: The highest message id when it connected: it must get every later one of its user …
     joined_after: int
     #: … and may also get those still in flight to its node when it connected.
@@ -601,7 +601,7 @@ class TwoHubMachine(RuleBasedStateMachine):
         recipient: int,
         content: str,
         client_id: str | None,
-        origin: Client | None,
+        origin: Connection | None,
     ) -> tuple[Message, bool] | str:
         try:
             return await self.hubs[node].send_message(
@@ -832,7 +832,7 @@ class TwoHubMachine(RuleBasedStateMachine):
 
         def listed() -> dict[str, set[str]]:
             return {
-                node: {c.id for user in USERS for c in hub.clients(user)}
+                node: {c.id for user in USERS for c in hub.connections(user)}
                 for node, hub in self.hubs.items()
             }
 

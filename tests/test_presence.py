@@ -16,7 +16,7 @@ import pytest
 from queues import drain
 
 from pmhub import ContactPolicy, Hub, Identity, Limits, MemoryStore
-from pmhub.client import Client
+from pmhub.connection import Connection
 from pmhub.policy import PermissionPolicy
 
 pytestmark = pytest.mark.anyio
@@ -179,7 +179,7 @@ async def test_third_connection_is_closed_1013_without_touching_presence() -> No
                 assert "2" in alice3.close_reason
                 assert await alice3.next_frame() is None  # no welcome, nothing
                 assert await drain(bob) == []
-                assert {c.id for c in hub.clients(ALICE)} == {alice1.id, alice2.id}
+                assert {c.id for c in hub.connections(ALICE)} == {alice1.id, alice2.id}
                 assert hub.connection_count == 3  # bob, alice1, alice2
             assert await drain(bob) == [], "closing the refused connection changed presence"
             assert policy.contacts_calls == calls, "a refused connection looked up contacts"
@@ -191,14 +191,14 @@ async def test_third_connection_is_closed_1013_without_touching_presence() -> No
             async with hub.connect(Identity(ALICE)) as alice4:
                 assert alice4.close_code is None
                 assert await drain(alice4) == [WELCOME, online(BOB)]
-                assert {c.id for c in hub.clients(ALICE)} == {alice2.id, alice4.id}
+                assert {c.id for c in hub.connections(ALICE)} == {alice2.id, alice4.id}
                 # and the cap still holds
                 async with hub.connect(Identity(ALICE)) as alice5:
                     assert alice5.close_code == 1013
             assert await drain(bob) == []
         assert await drain(bob) == [online(ALICE, False)]
         assert await hub.broker.online([ALICE]) == set()
-        assert hub.clients(ALICE) == []
+        assert hub.connections(ALICE) == []
         # all counts are back to zero: two fresh connections fit again
         async with hub.connect(Identity(ALICE)) as a, hub.connect(Identity(ALICE)) as b:
             assert a.close_code is None and b.close_code is None
@@ -213,7 +213,7 @@ async def test_live_frames_during_setup_come_after_welcome_and_snapshot() -> Non
     async with make_hub(policy) as hub, hub.connect(Identity(BOB)) as bob:
         await drain(bob)
         gate = policy.hold[ALICE] = anyio.Event()
-        connected: list[Client] = []
+        connected: list[Connection] = []
         ready, done = anyio.Event(), anyio.Event()
         with anyio.fail_after(5):
             async with anyio.create_task_group() as tg:

@@ -1,6 +1,6 @@
 """pmhub: real-time 1:1 private messaging over WebSockets.
 
-The core (:class:`Hub`, :class:`Client`, the frames of :mod:`pmhub.frames`)
+The core (:class:`Hub`, :class:`Connection`, the frames of :mod:`pmhub.frames`)
 does no network I/O; adapters (:mod:`pmhub.adapters.asgi`) wire it into a
 server. Storage, brokers, authentication and permissions are small protocols
 with ready implementations.
@@ -15,7 +15,7 @@ from .auth import (
     SessionAuthenticator,
 )
 from .broker import Broker, InProcessBroker
-from .client import Client
+from .connection import Connection
 from .errors import BackendError, PmhubError, Rejected, Unauthenticated
 from .frames import Conversation, Message
 from .hub import Hub
@@ -32,7 +32,7 @@ __all__ = [
     "Authenticator",
     "BackendError",
     "Broker",
-    "Client",
+    "Connection",
     "ContactPolicy",
     "Conversation",
     "Draft",

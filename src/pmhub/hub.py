@@ -1,10 +1,10 @@
 """The hub: every connected device, and what happens to what they send.
 
-The hub owns the registry user → :class:`~pmhub.client.Client` of this
+The hub owns the registry user → :class:`~pmhub.connection.Connection` of this
 process, and carries out the protocol: checks (policy, content, rates),
 persistence, fan-out through the broker, presence, typing expiry, read
 receipts and ``sync`` replay. It does no network I/O: adapters feed it frames
-with :meth:`Hub.receive` and send what each client's queue yields.
+with :meth:`Hub.receive` and send what each connection's queue yields.
 
 Rules it keeps:
 
@@ -15,7 +15,7 @@ Rules it keeps:
   its connection's reader while the batch commits; the confirmation (the
   sender's copy of the fan-out) follows the commit.
 * Fan-out never awaits a connection: a frame is queued or the connection is
-  closed (1013). Bulk replies a client asks for (``sync``, resends) wait for
+  closed (1013). Bulk replies a connection asks for (``sync``, resends) wait for
   room in its own queue. Background work runs in the hub's task group.
 """
 
@@ -36,7 +36,7 @@ import anyio.abc
 
 from .auth import Identity
 from .broker import Broker, Deliver, Event, InProcessBroker, Presence, Revoke
-from .client import Client
+from .connection import Connection
 from .errors import BackendError, Rejected
 from .frames import (
     Conversation,
@@ -108,9 +108,9 @@ class Hub:
         self.broker: Broker = broker if broker is not None else InProcessBroker()
         self.limits = limits if limits is not None else Limits()
         self.metrics: Metrics = metrics if metrics is not None else NullMetrics()
-        self._welcome = Outgoing.of(System(welcome))  # encoded once, shared by every client
+        self._welcome = Outgoing.of(System(welcome))  # encoded once, shared by every connection
         self._clock = clock
-        self._clients: dict[int, dict[str, Client]] = {}
+        self._connections: dict[int, dict[str, Connection]] = {}
         self._connection_count = 0
         self._message_buckets: dict[int, TokenBucket] = {}
         self._typing_buckets: dict[int, TokenBucket] = {}
@@ -168,11 +168,11 @@ class Hub:
         """Stop taking work, close every connection with 1001 and wait (up to
         ``grace`` seconds) until their transports let go of them."""
         self._running = False
-        for clients in list(self._clients.values()):
-            for client in list(clients.values()):
-                client.close(CLOSE_GOING_AWAY, "server shutting down")
+        for connections in list(self._connections.values()):
+            for connection in list(connections.values()):
+                connection.close(CLOSE_GOING_AWAY, "server shutting down")
         with anyio.move_on_after(grace):
-            while self._clients:
+            while self._connections:
                 await self._idle.wait()
 
     async def _run_broker(
@@ -198,22 +198,22 @@ class Hub:
     # -- connections -------------------------------------------------------------
 
     @asynccontextmanager
-    async def connect(self, identity: Identity) -> AsyncIterator[Client]:
+    async def connect(self, identity: Identity) -> AsyncIterator[Connection]:
         """Register a device of ``identity`` for as long as the block runs.
 
-        The client gets the welcome, then the presence snapshot; the user's
+        The connection gets the welcome, then the presence snapshot; the user's
         contacts learn they are online if this is their first connection. A
         user over ``Limits.max_connections_per_user`` (across nodes) gets a
-        client that is already closing with 1013.
+        connection that is already closing with 1013.
         """
         self._check_running()
-        client = Client(identity, self.limits)
+        connection = Connection(identity, self.limits)
         user_id = identity.user_id
         async with self._roster.changing(user_id):
             count = await self.broker.join(user_id)
             try:
                 if count > self.limits.max_connections_per_user:
-                    client.close(
+                    connection.close(
                         CLOSE_TRY_AGAIN_LATER,
                         f"too many connections: at most {self.limits.max_connections_per_user}"
                         " per user; close another one",
@@ -221,38 +221,38 @@ class Hub:
                 else:
                     # Registered before the snapshot is taken, so a presence change
                     # that happens meanwhile reaches it live (after the snapshot).
-                    self._register(client)
+                    self._register(connection)
                     contacts = await self._roster.online_contacts(user_id)
-                    client.prepend(
+                    connection.prepend(
                         [self._welcome, *(presence_frame(other, True) for other in contacts)]
                     )
                     if count == 1:
                         await self._publish_presence(user_id, contacts)
             except BaseException:
                 with anyio.CancelScope(shield=True):
-                    await self._leave(client)
+                    await self._leave(connection)
                 raise
         try:
-            yield client
+            yield connection
         finally:
             with anyio.CancelScope(shield=True):
                 async with self._roster.changing(user_id):
-                    await self._leave(client)
+                    await self._leave(connection)
 
-    def _register(self, client: Client) -> None:
-        self._clients.setdefault(client.user_id, {})[client.id] = client
+    def _register(self, connection: Connection) -> None:
+        self._connections.setdefault(connection.user_id, {})[connection.id] = connection
         self._connection_count += 1
         self._count_connections()
 
-    async def _leave(self, client: Client) -> None:
-        user_id = client.user_id
-        clients = self._clients.get(user_id, {})
-        if clients.pop(client.id, None) is not None:
+    async def _leave(self, connection: Connection) -> None:
+        user_id = connection.user_id
+        connections = self._connections.get(user_id, {})
+        if connections.pop(connection.id, None) is not None:
             self._connection_count -= 1
             self._count_connections()
-        if not clients:
-            self._clients.pop(user_id, None)
-            if not self._clients:
+        if not connections:
+            self._connections.pop(user_id, None)
+            if not self._connections:
                 self._idle.set()
                 self._idle = anyio.Event()
         if await self.broker.leave(user_id) == 0:
@@ -267,16 +267,16 @@ class Hub:
 
     def _count_connections(self) -> None:
         self.metrics.connections(self._connection_count)
-        self.metrics.users_online(len(self._clients))
+        self.metrics.users_online(len(self._connections))
 
     @property
     def connection_count(self) -> int:
         """How many connections this hub holds."""
         return self._connection_count
 
-    def clients(self, user_id: int) -> list[Client]:
+    def connections(self, user_id: int) -> list[Connection]:
         """The connections ``user_id`` has open on this hub."""
-        return list(self._clients.get(user_id, {}).values())
+        return list(self._connections.get(user_id, {}).values())
 
     async def revoke(self, session_id: str) -> None:
         """Close (1008) every connection that session ``session_id`` opened, on every node."""
@@ -284,56 +284,60 @@ class Hub:
 
     # -- inbound frames ------------------------------------------------------------
 
-    async def receive(self, client: Client, data: str | bytes, *, binary: bool = False) -> None:
-        """Carry out one WebSocket message ``client`` sent.
+    async def receive(
+        self, connection: Connection, data: str | bytes, *, binary: bool = False
+    ) -> None:
+        """Carry out one WebSocket message ``connection`` sent.
 
         Bad input is answered with an ``error`` frame or a close decided by the
         protocol; an internal failure closes the connection with 1011. Frames
         from a connection the hub is closing (logged out, too slow) are ignored.
         """
-        if client.closing:
+        if connection.closing:
             return
-        action = client.protocol.receive(data, binary=binary)
+        action = connection.protocol.receive(data, binary=binary)
         try:
             match action:
                 case Close(code=code, reason=reason):
-                    client.close(code, reason)
+                    connection.close(code, reason)
                 case Reply(frame=frame):
-                    self._reply(client, frame)
+                    self._reply(connection, frame)
                 case SendMessage(recipient_id=recipient, content=content, client_id=client_id):
                     try:
-                        admitted = await self._admit(client.user_id, recipient, content, client_id)
+                        admitted = await self._admit(
+                            connection.user_id, recipient, content, client_id
+                        )
                     except Rejected as exc:
-                        self._reply(client, _error(exc, client_id))
+                        self._reply(connection, _error(exc, client_id))
                     else:
                         if isinstance(admitted, Message):
-                            await self._answer_resend(client, admitted)
+                            await self._answer_resend(connection, admitted)
                         else:  # the reader goes on while the batch commits
                             await self._sequencer.submit_then(
-                                admitted, partial(self._stored, client)
+                                admitted, partial(self._stored, connection)
                             )
                 case SetTyping(recipient_id=recipient, is_typing=is_typing):
-                    await self.set_typing(client.user_id, recipient, is_typing)
+                    await self.set_typing(connection.user_id, recipient, is_typing)
                 case MarkRead(peer_id=peer, up_to_id=up_to):
-                    await self.mark_read(client.user_id, peer, up_to, origin=client)
+                    await self.mark_read(connection.user_id, peer, up_to, origin=connection)
                 case Sync(after_id=after_id):
                     try:
-                        await self._sync(client, after_id)
+                        await self._sync(connection, after_id)
                     except Rejected as exc:
-                        self._reply(client, _error(exc, None))
+                        self._reply(connection, _error(exc, None))
         except Exception:
-            logger.exception("internal error while handling a frame of %r", client)
-            client.close(CLOSE_INTERNAL_ERROR, "internal error")
+            logger.exception("internal error while handling a frame of %r", connection)
+            connection.close(CLOSE_INTERNAL_ERROR, "internal error")
 
-    def _reply(self, client: Client, frame: Error) -> None:
+    def _reply(self, connection: Connection, frame: Error) -> None:
         self.metrics.error(frame.code)
-        self._push(client, Outgoing.of(frame))
+        self._push(connection, Outgoing.of(frame))
 
-    def _push(self, client: Client, frame: Outgoing, *, replay: bool = False) -> bool:
-        was_closing = client.closing
-        if client.push(frame, replay=replay):
+    def _push(self, connection: Connection, frame: Outgoing, *, replay: bool = False) -> bool:
+        was_closing = connection.closing
+        if connection.push(frame, replay=replay):
             return True
-        if not was_closing and client.close_code == CLOSE_TRY_AGAIN_LATER:
+        if not was_closing and connection.close_code == CLOSE_TRY_AGAIN_LATER:
             self.metrics.slow_consumer()  # this push overflowed the queue
         return False
 
@@ -346,7 +350,7 @@ class Hub:
         content: str,
         client_id: str | None = None,
         *,
-        origin: Client | None = None,
+        origin: Connection | None = None,
     ) -> tuple[Message, bool]:
         """Check, store and fan out a message; return it and whether it is new.
 
@@ -386,23 +390,23 @@ class Hub:
             return stored
         return Draft(sender_id, recipient_id, content, client_id)
 
-    async def _answer_resend(self, client: Client, message: Message) -> None:
-        if await client.wait_for_room():
-            self._replay(client, message)
+    async def _answer_resend(self, connection: Connection, message: Message) -> None:
+        if await connection.wait_for_room():
+            self._replay(connection, message)
 
-    def _replay(self, client: Client, message: Message) -> None:
-        """Send ``client`` a stored message as a reply (a resend's answer, a
+    def _replay(self, connection: Connection, message: Message) -> None:
+        """Send ``connection`` a stored message as a reply (a resend's answer, a
         ``sync`` page): exempt from the repeat window."""
-        self._push(client, Outgoing.of(PrivateMessage.of(message)), replay=True)
+        self._push(connection, Outgoing.of(PrivateMessage.of(message)), replay=True)
 
-    def _stored(self, client: Client, outcome: tuple[Message, bool] | BackendError) -> None:
+    def _stored(self, connection: Connection, outcome: tuple[Message, bool] | BackendError) -> None:
         """The outcome of a WebSocket send (the new message itself reached
-        ``client`` through the fan-out)."""
+        ``connection`` through the fan-out)."""
         if isinstance(outcome, BackendError):
-            logger.error("a message from %r was not stored: %s", client, outcome)
-            client.close(CLOSE_INTERNAL_ERROR, "internal error: send it again")
+            logger.error("a message from %r was not stored: %s", connection, outcome)
+            connection.close(CLOSE_INTERNAL_ERROR, "internal error: send it again")
         elif not outcome[1]:  # a resend of one stored in the same batch
-            self._replay(client, outcome[0])
+            self._replay(connection, outcome[0])
 
     def _take_message_token(self, user_id: int) -> None:
         """Count a request against ``user_id``'s message rate, or raise ``rate_limited``."""
@@ -454,7 +458,7 @@ class Hub:
         await self._publish_frame([recipient_id], TypingIndicator(user_id, recipient_id, is_typing))
 
     async def mark_read(
-        self, reader_id: int, peer_id: int, up_to_id: int, *, origin: Client | None = None
+        self, reader_id: int, peer_id: int, up_to_id: int, *, origin: Connection | None = None
     ) -> int:
         """Mark ``peer_id``'s messages to ``reader_id`` read up to ``up_to_id``.
 
@@ -502,20 +506,20 @@ class Hub:
             raise BackendError(f"broker: {exc}") from exc
         return {
             "connections": self.connection_count,
-            "users_online": len(self._clients),
+            "users_online": len(self._connections),
         }
 
-    async def _sync(self, client: Client, after_id: int) -> None:
+    async def _sync(self, connection: Connection, after_id: int) -> None:
         size = self.limits.sync_page_size
-        page = await self._timed("since", self.store.since(client.user_id, after_id, size + 1))
+        page = await self._timed("since", self.store.since(connection.user_id, after_id, size + 1))
         if page:  # a page costs what one message does; a sync that finds nothing is free
-            self._take_message_token(client.user_id)
+            self._take_message_token(connection.user_id)
         for message in page[:size]:
-            if not await client.wait_for_room():
+            if not await connection.wait_for_room():
                 return
-            self._replay(client, message)
+            self._replay(connection, message)
         last_id = page[min(size, len(page)) - 1].id if page else after_id
-        self._push(client, Outgoing.of(SyncComplete(last_id, len(page) > size)))
+        self._push(connection, Outgoing.of(SyncComplete(last_id, len(page) > size)))
 
     # -- fan-out --------------------------------------------------------------------
 
@@ -530,23 +534,23 @@ class Hub:
             case Deliver(user_ids=user_ids, frame=data, message_id=message_id, exclude=exclude):
                 self._fan_out(user_ids, Outgoing(data, message_id), exclude)
             case Presence(user_id=subject, viewers=viewers):
-                if any(viewer in self._clients for viewer in viewers):
+                if any(viewer in self._connections for viewer in viewers):
                     online = bool(await self.broker.online([subject]))  # now, not then
                     self._fan_out(viewers, presence_frame(subject, online))
             case Revoke(session_id=session_id):
-                for clients in list(self._clients.values()):
-                    for client in clients.values():
-                        if client.identity.session_id == session_id:
-                            client.close(CLOSE_POLICY_VIOLATION, "session logged out")
+                for connections in list(self._connections.values()):
+                    for connection in connections.values():
+                        if connection.identity.session_id == session_id:
+                            connection.close(CLOSE_POLICY_VIOLATION, "session logged out")
 
     def _fan_out(self, user_ids: list[int], frame: Outgoing, exclude: str | None = None) -> None:
         count = 0
         for user_id in dict.fromkeys(user_ids):
-            clients = self._clients.get(user_id)
-            if clients is None:
+            connections = self._connections.get(user_id)
+            if connections is None:
                 continue
-            for client in clients.values():
-                if client.id != exclude and self._push(client, frame):
+            for connection in connections.values():
+                if connection.id != exclude and self._push(connection, frame):
                     count += 1
         if count:
             self.metrics.frames_out(count)

@@ -17,6 +17,7 @@ from .limits import Limits
 __all__ = [
     "CLOSE_GOING_AWAY",
     "CLOSE_INTERNAL_ERROR",
+    "CLOSE_NORMAL",
     "CLOSE_POLICY_VIOLATION",
     "CLOSE_TOO_LARGE",
     "CLOSE_TRY_AGAIN_LATER",
@@ -25,6 +26,7 @@ __all__ = [
     "Reply",
 ]
 
+CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_TOO_LARGE = 1009

@@ -197,17 +197,17 @@ class PmhubApp:
         if identity is None:
             return
         await send({"type": "websocket.accept"})
-        async with self.hub.connect(identity) as client, anyio.create_task_group() as tg:
+        async with self.hub.connect(identity) as connection, anyio.create_task_group() as tg:
 
             async def write() -> None:
                 try:
-                    while (frame := await client.next_frame()) is not None:
+                    while (frame := await connection.next_frame()) is not None:
                         await send({"type": "websocket.send", "text": frame.text})
                     await send(
                         {
                             "type": "websocket.close",
-                            "code": client.close_code,
-                            "reason": client.close_reason,
+                            "code": connection.close_code,
+                            "reason": connection.close_reason,
                         }
                     )
                 except OSError:  # the peer went away; the reader sees the disconnect
@@ -221,14 +221,14 @@ class PmhubApp:
                     if message["type"] == "websocket.disconnect":
                         break
                     if message.get("text") is not None:
-                        await self.hub.receive(client, message["text"])
+                        await self.hub.receive(connection, message["text"])
                     else:
-                        await self.hub.receive(client, message.get("bytes") or b"", binary=True)
+                        await self.hub.receive(connection, message.get("bytes") or b"", binary=True)
             except OSError:  # the server lost the socket
                 pass
             except Exception:
-                logger.exception("WebSocket of %r failed", client)
-                client.close(CLOSE_INTERNAL_ERROR, "internal error")
+                logger.exception("WebSocket of %r failed", connection)
+                connection.close(CLOSE_INTERNAL_ERROR, "internal error")
                 return
             tg.cancel_scope.cancel()
 

@@ -1,12 +1,12 @@
-"""A :class:`Client` is one connected device of a user, as the hub sees it.
+"""A :class:`Connection` is one connected device of a user, as the hub sees it.
 
 Its outbound queue is bounded by frames and by bytes and never blocks the
-hub: :meth:`Client.push` either queues a frame or, when the queue is full,
+hub: :meth:`Connection.push` either queues a frame or, when the queue is full,
 closes the connection with 1013 so the device reconnects and resumes with
 ``sync``. One slow or dead device never stalls anyone else.
 
 Replies a client asks for in bulk (``sync`` pages, resends) wait for room
-instead (:meth:`Client.wait_for_room`): that holds back the asking
+instead (:meth:`Connection.wait_for_room`): that holds back the asking
 connection's own reads and leaves the other half of the queue to live frames.
 """
 
@@ -26,7 +26,7 @@ from .frames import Outgoing
 from .limits import Limits
 from .protocol import CLOSE_TRY_AGAIN_LATER, ConnectionProtocol
 
-__all__ = ["Client"]
+__all__ = ["Connection"]
 
 _ids = itertools.count(1)
 _node = os.urandom(4).hex()
@@ -89,7 +89,7 @@ def _event_factory() -> Callable[[], _Event]:
     return _FutureEvent
 
 
-class Client:
+class Connection:
     """One connection: its identity, protocol state and outbound queue."""
 
     __slots__ = (
@@ -222,4 +222,4 @@ class Client:
         return frame
 
     def __repr__(self) -> str:
-        return f"<Client {self.id} user={self.user_id}>"
+        return f"<Connection {self.id} user={self.user_id}>"

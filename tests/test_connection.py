@@ -1,4 +1,4 @@
-"""A Client's outbound queue: bounded by frames and bytes, each live message once."""
+"""A Connection's outbound queue: bounded by frames and bytes, each live message once."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import anyio
 import pytest
 
 from pmhub.auth import Identity
-from pmhub.client import DEDUP_WINDOW, Client
+from pmhub.connection import DEDUP_WINDOW, Connection
 from pmhub.frames import Outgoing
 from pmhub.limits import Limits
 
@@ -21,7 +21,7 @@ def notice(n: int) -> Outgoing:
     return Outgoing(b'{"type":"system","message":"%d"}' % n)
 
 
-async def drain(client: Client) -> list[Outgoing]:
+async def drain(client: Connection) -> list[Outgoing]:
     frames = []
     while client._queue:
         frame = await client.next_frame()
@@ -31,7 +31,7 @@ async def drain(client: Client) -> list[Outgoing]:
 
 
 async def test_frames_come_out_in_push_order_and_identical() -> None:
-    client = Client(Identity(1), Limits())
+    client = Connection(Identity(1), Limits())
     frames = [notice(1), live(1), notice(2)]
     for frame in frames:
         assert client.push(frame)
@@ -41,7 +41,7 @@ async def test_frames_come_out_in_push_order_and_identical() -> None:
 
 
 async def test_live_messages_are_delivered_once_even_when_late() -> None:
-    client = Client(Identity(1), Limits())
+    client = Connection(Identity(1), Limits())
     assert client.push(live(1))
     assert client.push(live(3))
     assert not client.push(live(3))  # a repeat
@@ -55,7 +55,7 @@ async def test_live_messages_are_delivered_once_even_when_late() -> None:
 
 
 async def test_the_repeat_window_is_bounded() -> None:
-    client = Client(Identity(1), Limits())
+    client = Connection(Identity(1), Limits())
     for message_id in range(1, DEDUP_WINDOW + 2):
         assert client.push(live(message_id))
         await drain(client)
@@ -64,7 +64,7 @@ async def test_the_repeat_window_is_bounded() -> None:
 
 
 async def test_replay_frames_are_exempt_and_do_not_count_as_seen() -> None:
-    client = Client(Identity(1), Limits())
+    client = Connection(Identity(1), Limits())
     assert client.push(live(5))
     assert client.push(live(2), replay=True)
     assert client.push(live(5), replay=True)
@@ -76,24 +76,24 @@ async def test_replay_frames_are_exempt_and_do_not_count_as_seen() -> None:
 
 async def test_the_queue_is_bounded_by_bytes_too() -> None:
     big = Outgoing(b"x" * 400)
-    client = Client(Identity(1), Limits(max_queue_bytes=1000))
+    client = Connection(Identity(1), Limits(max_queue_bytes=1000))
     assert client.push(big) and client.push(big)
     assert not client.push(big)  # 1,200 bytes > 1,000
     assert client.close_code == 1013
 
 
 async def test_prepend_puts_frames_ahead_of_what_is_queued() -> None:
-    client = Client(Identity(1), Limits())
+    client = Connection(Identity(1), Limits())
     client.push(live(7))
     assert client.prepend([notice(1), notice(2)])
     assert [f.data for f in await drain(client)] == [notice(1).data, notice(2).data, live(7).data]
-    small = Client(Identity(1), Limits(max_queue=2))
+    small = Connection(Identity(1), Limits(max_queue=2))
     assert not small.prepend([notice(1), notice(2), notice(3)])
     assert small.close_code == 1013
 
 
 async def test_wait_for_room_holds_bulk_replies_until_half_empty() -> None:
-    client = Client(Identity(1), Limits(max_queue=4))
+    client = Connection(Identity(1), Limits(max_queue=4))
     for n in range(2):
         client.push(notice(n))
     passed = []
@@ -115,7 +115,7 @@ async def test_wait_for_room_holds_bulk_replies_until_half_empty() -> None:
 
 
 async def test_overflow_closes_1013_and_drops_later_pushes() -> None:
-    client = Client(Identity(1), Limits(max_queue=4))
+    client = Connection(Identity(1), Limits(max_queue=4))
     for n in range(4):
         assert client.push(notice(n))
     assert not client.closing
@@ -128,7 +128,7 @@ async def test_overflow_closes_1013_and_drops_later_pushes() -> None:
 
 
 async def test_close_drops_queued_frames_and_keeps_the_first_code() -> None:
-    client = Client(Identity(1), Limits())
+    client = Connection(Identity(1), Limits())
     client.push(notice(1))
     client.close(1008, "logged out")
     client.close(1001, "shutting down")
@@ -139,7 +139,7 @@ async def test_close_drops_queued_frames_and_keeps_the_first_code() -> None:
 
 
 async def test_next_frame_waits_for_a_push() -> None:
-    client = Client(Identity(1), Limits())
+    client = Connection(Identity(1), Limits())
     frame = notice(1)
     got: list[Outgoing | None] = []
 
@@ -155,7 +155,7 @@ async def test_next_frame_waits_for_a_push() -> None:
 
 
 async def test_close_wakes_a_waiting_reader_with_none() -> None:
-    client = Client(Identity(1), Limits())
+    client = Connection(Identity(1), Limits())
     got: list[Outgoing | None] = []
 
     async def reader() -> None:
@@ -171,6 +171,6 @@ async def test_close_wakes_a_waiting_reader_with_none() -> None:
 
 async def test_ids_are_unique_and_identity_is_kept() -> None:
     identity = Identity(7, "s-1")
-    first, second = Client(identity, Limits()), Client(identity, Limits())
+    first, second = Connection(identity, Limits()), Connection(identity, Limits())
     assert first.id != second.id
     assert first.user_id == 7 and first.identity is identity
