@@ -23,11 +23,12 @@ from urllib.parse import parse_qsl
 import anyio
 import msgspec
 
+from .. import runner
 from ..auth import Authenticator, Identity, Request, origin_allowed
 from ..errors import BackendError, Rejected
-from ..frames import MAX_SAFE_INT, ClientId, Id, decode_body, encode
+from ..frames import MAX_SAFE_INT, ClientId, Id, Outgoing, decode_body, encode
 from ..hub import Hub
-from ..protocol import CLOSE_INTERNAL_ERROR, CLOSE_POLICY_VIOLATION
+from ..protocol import CLOSE_POLICY_VIOLATION
 
 __all__ = [
     "ASGIApp",
@@ -65,6 +66,28 @@ class _PostMessage(msgspec.Struct, frozen=True):
 
 class _PostRead(msgspec.Struct, frozen=True):
     up_to_id: Id
+
+
+class _Transport:
+    """An accepted ASGI WebSocket as a :class:`~pmhub.runner.Transport`."""
+
+    __slots__ = ("_receive", "_send")
+
+    def __init__(self, receive: Receive, send: Send) -> None:
+        self._receive, self._send = receive, send
+
+    async def receive(self) -> str | bytes | None:
+        message = await self._receive()
+        if message["type"] == "websocket.disconnect":
+            return None
+        text: str | None = message.get("text")
+        return text if text is not None else (message.get("bytes") or b"")
+
+    async def send(self, frame: Outgoing) -> None:
+        await self._send({"type": "websocket.send", "text": frame.text})
+
+    async def close(self, code: int, reason: str) -> None:
+        await self._send({"type": "websocket.close", "code": code, "reason": reason})
 
 
 class PmhubApp:
@@ -164,73 +187,19 @@ class PmhubApp:
 
     # -- WebSocket ---------------------------------------------------------------------
 
-    async def _handshake(self, scope: Scope, send: Send) -> Identity | None:
-        """Who is connecting, or None once the handshake has been refused.
-
-        Refusals are normal traffic: they are counted (``metrics.error``), not
-        logged as errors.
-        """
-        request = request_from(scope)
-        headers = request.headers
-        try:
-            if not origin_allowed(headers.get("origin"), headers.get("host"), self.allowed_origins):
-                raise Rejected("forbidden", "this Origin may not connect")
-            identity = await self.authenticator.authenticate(request)
-            if not self.hub.running:
-                raise BackendError("the hub is not running")
-        except Rejected as exc:
-            self.hub.metrics.error(exc.code)
-            await _refuse(scope, send, exc.status, exc.code, exc.message)
-            return None
-        except BackendError as exc:
-            logger.warning("refused a WebSocket: %s", exc)
-            self.hub.metrics.error("unavailable")
-            await _refuse(scope, send, 503, "unavailable", "the service is unavailable: try again")
-            return None
-        return identity
-
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (await receive())["type"] != "websocket.connect":
             return
         # The request (its headers) is not kept for the life of the connection.
-        identity = await self._handshake(scope, send)
-        if identity is None:
+        try:
+            identity = await runner.admit(
+                self.hub, self.authenticator, request_from(scope), self.allowed_origins
+            )
+        except Rejected as exc:
+            await _refuse(scope, send, exc.status, exc.code, exc.message)
             return
         await send({"type": "websocket.accept"})
-        async with self.hub.connect(identity) as connection, anyio.create_task_group() as tg:
-
-            async def write() -> None:
-                try:
-                    while (frame := await connection.next_frame()) is not None:
-                        await send({"type": "websocket.send", "text": frame.text})
-                    await send(
-                        {
-                            "type": "websocket.close",
-                            "code": connection.close_code,
-                            "reason": connection.close_reason,
-                        }
-                    )
-                except OSError:  # the peer went away; the reader sees the disconnect
-                    pass
-                tg.cancel_scope.cancel()
-
-            tg.start_soon(write)
-            try:
-                while True:
-                    message = await receive()
-                    if message["type"] == "websocket.disconnect":
-                        break
-                    if message.get("text") is not None:
-                        await self.hub.receive(connection, message["text"])
-                    else:
-                        await self.hub.receive(connection, message.get("bytes") or b"", binary=True)
-            except OSError:  # the server lost the socket
-                pass
-            except Exception:
-                logger.exception("WebSocket of %r failed", connection)
-                connection.close(CLOSE_INTERNAL_ERROR, "internal error")
-                return
-            tg.cancel_scope.cancel()
+        await runner.run(self.hub, identity, _Transport(receive, send))
 
     # -- HTTP -------------------------------------------------------------------------
 

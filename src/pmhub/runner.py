@@ -1,0 +1,108 @@
+"""One WebSocket connection, from handshake to close, for every adapter.
+
+An adapter owns the socket; this module owns the rules. For each handshake
+the adapter builds a :class:`~pmhub.auth.Request` and calls :func:`admit`,
+which checks the ``Origin``, authenticates and answers with the identity or
+raises :class:`~pmhub.errors.Rejected` carrying the HTTP status to refuse
+with. Once it has accepted the WebSocket, the adapter wraps it in a
+:class:`Transport` and calls :func:`run`, which registers the connection
+with the hub, reads frames into it and writes what it queues, until either
+side closes. The close code is the hub's (1000, 1001, 1008, 1009, 1011, 1013).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection
+from typing import Protocol
+
+import anyio
+
+from .auth import Authenticator, Identity, Request, origin_allowed
+from .errors import BackendError, Rejected
+from .frames import Outgoing
+from .hub import Hub
+from .protocol import CLOSE_INTERNAL_ERROR, CLOSE_NORMAL
+
+__all__ = ["Transport", "admit", "run"]
+
+logger = logging.getLogger("pmhub")
+
+
+class Transport(Protocol):
+    """An accepted WebSocket, as an adapter exposes it.
+
+    ``receive`` returns ``None`` once the peer has gone; ``send`` and
+    ``close`` raise :class:`OSError` when it has.
+    """
+
+    async def receive(self) -> str | bytes | None:
+        """The next message: ``str`` for a text frame, ``bytes`` for a binary one."""
+        ...
+
+    async def send(self, frame: Outgoing) -> None:
+        """Send one encoded frame as a text message."""
+        ...
+
+    async def close(self, code: int, reason: str) -> None:
+        """Close the WebSocket with ``code`` and ``reason``."""
+        ...
+
+
+async def admit(
+    hub: Hub, authenticator: Authenticator, request: Request, allowed_origins: Collection[str]
+) -> Identity:
+    """Who may open this WebSocket, or raise ``Rejected`` with the status to refuse with.
+
+    Refusals are normal traffic: they are counted (``metrics.error``), not
+    logged as errors. A store or hub that is down refuses with 503.
+    """
+    headers = request.headers
+    try:
+        if not origin_allowed(headers.get("origin"), headers.get("host"), allowed_origins):
+            raise Rejected("forbidden", "this Origin may not connect")
+        identity = await authenticator.authenticate(request)
+        if not hub.running:
+            raise BackendError("the hub is not running")
+    except Rejected as exc:
+        hub.metrics.error(exc.code)
+        raise
+    except BackendError as exc:
+        logger.warning("refused a WebSocket: %s", exc)
+        hub.metrics.error("unavailable")
+        raise Rejected("unavailable", "the service is unavailable: try again", status=503) from None
+    return identity
+
+
+async def run(hub: Hub, identity: Identity, transport: Transport) -> None:
+    """Serve one accepted WebSocket of ``identity`` until it closes.
+
+    A writer task sends what the hub queues for the connection and then the
+    close frame; this task reads frames into the hub. A failure here closes
+    only this connection, with 1011.
+    """
+    async with hub.connect(identity) as connection, anyio.create_task_group() as tg:
+
+        async def write() -> None:
+            try:
+                while (frame := await connection.next_frame()) is not None:
+                    await transport.send(frame)
+                code = connection.close_code  # set once next_frame() has ended
+                await transport.close(
+                    CLOSE_NORMAL if code is None else code, connection.close_reason
+                )
+            except OSError:  # the peer went away; the reader sees it too
+                pass
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(write)
+        try:
+            while (data := await transport.receive()) is not None:
+                await hub.receive(connection, data, binary=isinstance(data, bytes))
+        except OSError:  # the server lost the socket
+            pass
+        except Exception:
+            logger.exception("WebSocket of %r failed", connection)
+            connection.close(CLOSE_INTERNAL_ERROR, "internal error")
+            return  # the writer sends the close frame, then ends the group
+        tg.cancel_scope.cancel()
