@@ -1,174 +1,23 @@
-"""The pmhub demo chat on ASGI (uvicorn), with a browser page at ``/``.
+"""The pmhub demo chat on ASGI (uvicorn), with its browser page at ``/``.
 
     pip install 'pmhub[examples]'
     python examples/asgi_chat.py            # then open http://127.0.0.1:8000/
 
 Users alice (1), bob (2), carol (3) and mallory (4), each with the password
-equal to the name; mallory may converse only with carol. Messages are kept in
-a SQLite file (``--db``, default ``pmhub-demo.db``). Session cookies are
-signed with ``PMHUB_SECRET`` (a random secret when unset, so a restart logs
-everyone out).
+equal to the name; mallory may converse only with carol. Flags: ``--host``,
+``--port``, ``--db`` (the SQLite file, default ``pmhub-demo.db``). Cookies are
+signed with ``PMHUB_SECRET`` (random when unset: a restart logs everyone out).
+
+The application is :func:`pmhub.demo.build_app`: a :class:`~pmhub.adapters.asgi.PmhubApp`
+(``/ws``, the HTTP API, ``/client.js``) behind the demo's own routes (login,
+logout, the page), which is also what ``python -m pmhub.demo`` runs.
 """
 
 from __future__ import annotations
 
-import argparse
-import hmac
-import os
-import secrets
-from pathlib import Path
+from pmhub.demo import build_app, main
 
-import anyio
-import msgspec
-
-from pmhub import Hub, Limits, PrometheusMetrics, SessionAuthenticator, SQLiteStore, StaticPolicy
-from pmhub.adapters.asgi import (
-    NOSNIFF,
-    ASGIApp,
-    PmhubApp,
-    Receive,
-    Scope,
-    Send,
-    read_json,
-    respond_error,
-    respond_json,
-    route_path,
-    serve,
-)
-from pmhub.auth import LoginThrottle, Request
-from pmhub.errors import BackendError, Rejected, Unauthenticated
-
-USERS = {"alice": 1, "bob": 2, "carol": 3, "mallory": 4}
-NAMES = {user_id: name for name, user_id in USERS.items()}
-POLICY = StaticPolicy(USERS.values(), only={USERS["mallory"]: {USERS["carol"]}})
-PAGE = Path(__file__).with_name("chat.html")
-
-
-class Login(msgspec.Struct):
-    username: str
-    password: str
-
-
-def build_app(
-    db: str = "pmhub-demo.db",
-    secret: str | None = None,
-    *,
-    limits: Limits | None = None,
-    metrics: PrometheusMetrics | None = None,
-) -> tuple[ASGIApp, Hub]:
-    """The demo application and its hub (tests build it with their own limits)."""
-    store = SQLiteStore(db)  # keeps the messages, and the sessions that logged out
-    secret = secret or os.environ.get("PMHUB_SECRET") or secrets.token_hex(32)
-    auth = SessionAuthenticator(secret, store)
-    hub = Hub(store, POLICY, limits=limits, metrics=metrics)
-    pmhub_app = PmhubApp(hub, auth)
-    throttle = LoginThrottle()
-
-    async def login(request: Request, receive: Receive, send: Send) -> None:
-        body = await read_json(receive, Login, 4096)
-        address = request.client[0] if request.client else None
-        throttle.check(body.username, address)
-        user_id = USERS.get(body.username)
-        password, username = body.password.encode(), body.username.encode()
-        # Compare even for unknown names so timing does not reveal who exists (as
-        # bytes: compare_digest raises TypeError on str with non-ASCII characters).
-        if not hmac.compare_digest(password, username) or user_id is None:
-            throttle.failed(body.username, address)
-            raise Unauthenticated("wrong username or password")
-        cookie = (
-            f"session={auth.issue(user_id)}; Path=/; HttpOnly; SameSite=Lax;"
-            f" Max-Age={int(auth.max_age)}"
-        )
-        await respond_json(send, 200, _user(user_id), [(b"set-cookie", cookie.encode())])
-
-    async def logout(request: Request, send: Send) -> None:
-        value = request.cookies.get("session")
-        identity = await auth.revoke(value) if value else None
-        if identity is not None and identity.session_id is not None:
-            await hub.revoke(identity.session_id)
-        expired = b"session=; Path=/; HttpOnly; SameSite=Lax; Max-Age=0"
-        await respond_json(send, 200, b'{"status":"ok"}', [(b"set-cookie", expired)])
-
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        route = (scope["method"], route_path(scope)) if scope["type"] == "http" else None
-        if route is None or route[1] not in DEMO_PATHS:
-            await pmhub_app(scope, receive, send)
-            return
-        try:
-            request = pmhub_app.guard(scope)  # a login is state-changing: no CSRF
-            if route not in DEMO_ROUTES:
-                allowed = ", ".join(method for method, path in DEMO_ROUTES if path == route[1])
-                raise Rejected("method_not_allowed", f"use {allowed}", status=405)
-            if route == ("GET", "/"):
-                page = PAGE.read_bytes()
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": 200,
-                        "headers": [(b"content-type", b"text/html; charset=utf-8"), *PAGE_HEADERS],
-                    }
-                )
-                await send({"type": "http.response.body", "body": page})
-            elif route == ("POST", "/api/login"):
-                await login(request, receive, send)
-            elif route == ("POST", "/api/logout"):
-                await logout(request, send)
-            elif route == ("GET", "/api/me"):
-                identity = await auth.authenticate(request)
-                await respond_json(send, 200, _user(identity.user_id))
-            elif route == ("GET", "/api/users"):
-                identity = await auth.authenticate(request)
-                peers = [
-                    {"id": peer, "username": NAMES[peer]}
-                    for peer in sorted(NAMES)
-                    if await POLICY.may_converse(identity.user_id, peer)
-                ]
-                await respond_json(send, 200, msgspec.json.encode(peers))
-        except Rejected as exc:
-            hub.metrics.error(exc.code)
-            await respond_error(send, exc)
-        except BackendError:
-            unavailable = Rejected("unavailable", "the service is unavailable: try again later")
-            await respond_error(send, unavailable)
-
-    return app, hub
-
-
-DEMO_ROUTES = {
-    ("GET", "/"),
-    ("POST", "/api/login"),
-    ("POST", "/api/logout"),
-    ("GET", "/api/me"),
-    ("GET", "/api/users"),
-}
-DEMO_PATHS = {path for _, path in DEMO_ROUTES}
-PAGE_HEADERS = [
-    (
-        b"content-security-policy",
-        b"default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline';"
-        b" img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none';"
-        b" form-action 'none'",
-    ),
-    (b"x-frame-options", b"DENY"),  # frame-ancestors, for browsers without CSP 2
-    (b"referrer-policy", b"no-referrer"),
-    NOSNIFF,
-]
-
-
-def _user(user_id: int) -> bytes:
-    return msgspec.json.encode({"id": user_id, "username": NAMES[user_id]})
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
-    parser.add_argument("--db", default="pmhub-demo.db", help="SQLite file for messages")
-    args = parser.parse_args()
-    app, hub = build_app(args.db, metrics=PrometheusMetrics())
-    print(f"pmhub demo: open http://{args.host}:{args.port}/ (alice/alice, bob/bob, ...)")
-    anyio.run(lambda: serve(app, hub, host=args.host, port=args.port))
-
+__all__ = ["build_app", "main"]
 
 if __name__ == "__main__":
     main()

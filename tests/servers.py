@@ -23,7 +23,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import closing, contextmanager
+from contextlib import AsyncExitStack, closing, contextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
@@ -116,8 +116,13 @@ class LiveServer:
         ws_ping_timeout: float | None = 20.0,
         ws_max_size: int = 16 * 1024 * 1024,
         sndbuf: int | None = None,
+        websockets: Any = None,
     ) -> None:
         self.app = app
+        #: A ``pmhub.adapters.websockets.PmhubServer`` served beside uvicorn, on
+        #: the same loop (so on the same hub), at ``websockets_url``.
+        self.websockets = websockets
+        self.websockets_port = 0
         self.before_shutdown = before_shutdown
         self.after_exit = after_exit
         self.config = uvicorn.Config(
@@ -149,7 +154,11 @@ class LiveServer:
         """The ``Host`` header clients send (``host:port``)."""
         return f"127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 15.0) -> None:
+    @property
+    def websockets_url(self) -> str:
+        return f"ws://127.0.0.1:{self.websockets_port}"
+
+    def _socket(self) -> socket.socket:
         # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets whose
         # ``proto`` says TCP, and without it every HTTP answer waits ~40 ms for a
         # delayed ACK (Nagle).
@@ -157,9 +166,16 @@ class LiveServer:
         if self.sndbuf is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.sndbuf)
         sock.bind(("127.0.0.1", 0))
+        return sock
+
+    def start(self, timeout: float = 15.0) -> None:
+        sock = self._socket()
         self.port = sock.getsockname()[1]
+        ws_sock = self._socket() if self.websockets is not None else None
+        if ws_sock is not None:
+            self.websockets_port = ws_sock.getsockname()[1]
         self._thread = threading.Thread(
-            target=self._run, args=(sock,), name=f"uvicorn:{self.port}", daemon=True
+            target=self._run, args=(sock, ws_sock), name=f"uvicorn:{self.port}", daemon=True
         )
         self._thread.start()
         if not self._ready.wait(timeout):
@@ -169,10 +185,16 @@ class LiveServer:
             self._thread.join(timeout)
             raise RuntimeError("uvicorn failed to start") from self._error
 
-    def _run(self, sock: socket.socket) -> None:
+    def _run(self, sock: socket.socket, ws_sock: socket.socket | None) -> None:
         async def main() -> None:
             try:
-                await self._server.serve(sockets=[sock])
+                async with AsyncExitStack() as stack:
+                    if ws_sock is not None:
+                        ws_sock.listen()
+                        await stack.enter_async_context(
+                            self.websockets.listen(None, None, sock=ws_sock)
+                        )
+                    await self._server.serve(sockets=[sock])
             finally:
                 if self.after_exit is not None:
                     await self.after_exit()
@@ -187,6 +209,8 @@ class LiveServer:
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
             sock.close()
+            if ws_sock is not None:
+                ws_sock.close()
 
     def stop(self, timeout: float = 15.0) -> None:
         """Ask uvicorn to exit (as on SIGTERM) and wait for the thread to end."""
@@ -298,7 +322,7 @@ START_TIMEOUT = STOP_TIMEOUT = 30.0
 
 
 class DemoProcess:
-    """``examples/asgi_chat.py`` run as a user runs it, on one port and SQLite file.
+    """An example server (``examples/asgi_chat.py`` by default) run as a user runs it.
 
     Started and stopped at will. With ``secret`` it gets that ``PMHUB_SECRET``;
     without, every start signs cookies with a new random secret, as the
@@ -306,8 +330,17 @@ class DemoProcess:
     full pipe can never block the server.
     """
 
-    def __init__(self, db: Path, port: int, log: Path, secret: str | None = None) -> None:
-        self.db, self.port, self.log = db, port, log
+    def __init__(
+        self,
+        db: Path,
+        port: int,
+        log: Path,
+        secret: str | None = None,
+        script: str = "asgi_chat.py",
+    ) -> None:
+        self.db, self.port, self.log, self.script = db, port, log, script
+        # What the server logs once it listens (uvicorn, or the websockets adapter).
+        self.ready = "Uvicorn running on" if script == "asgi_chat.py" else "pmhub serving on"
         self.url = f"http://127.0.0.1:{port}/"
         self.env = {k: v for k, v in os.environ.items() if k != "PMHUB_SECRET"}
         if secret is not None:
@@ -316,8 +349,8 @@ class DemoProcess:
 
     async def start(self) -> None:
         assert self.process is None
-        serving = self.text().count("Uvicorn running on")
-        script, port, db = str(EXAMPLES / "asgi_chat.py"), str(self.port), str(self.db)
+        serving = self.text().count(self.ready)
+        script, port, db = str(EXAMPLES / self.script), str(self.port), str(self.db)
         with self.log.open("ab") as log:
             self.process = await anyio.open_process(
                 [sys.executable, script, "--port", port, "--db", db],
@@ -326,7 +359,7 @@ class DemoProcess:
                 stderr=log,
             )
         with anyio.fail_after(START_TIMEOUT):
-            while self.text().count("Uvicorn running on") == serving:
+            while self.text().count(self.ready) == serving:
                 if self.process.returncode is not None:
                     await self.stop()
                     pytest.fail("the demo exited before serving:\n" + self.text())

@@ -22,8 +22,9 @@ import socket
 import string
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, ExitStack
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import httpx
@@ -33,7 +34,8 @@ from servers import LiveServer, cookie_header, load_example, login, open_ws, rec
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from pmhub import Hub, Limits, MemoryStore, PrometheusMetrics, SessionAuthenticator
+from pmhub import Hub, Limits, MemoryStore, PrometheusMetrics, RevocationStore, SessionAuthenticator
+from pmhub.adapters.websockets import PmhubServer
 from pmhub.store import Draft
 
 pytestmark = pytest.mark.anyio
@@ -47,6 +49,7 @@ NAMES = {ALICE: "alice", BOB: "bob", CAROL: "carol", MALLORY: "mallory"}
 FAR = 2**53  # the largest id the wire accepts: a sync from here replays nothing
 MESSAGE_KEYS = {"id", "content", "sender_id", "receiver_id", "created_at", "is_read", "client_id"}
 RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
+ADAPTERS = ["asgi", "websockets"]
 SLOW_RATE = 0.01  # tokens per second: a test never sees the bucket refill
 
 
@@ -60,13 +63,22 @@ def anyio_backend() -> str:
 
 
 class Demo:
-    """A running demo app: its server, its hub and logged-in sessions."""
+    """A running demo app: its server, its hub and logged-in sessions.
 
-    def __init__(self, server: LiveServer, hub: Hub) -> None:
+    ``ws_url`` is the WebSocket of the adapter under test: the ASGI app's
+    ``/ws``, or a ``websockets`` adapter served beside it on the same hub (the
+    HTTP API, logins included, is always the ASGI app's).
+    """
+
+    def __init__(self, server: LiveServer, hub: Hub, adapter: str = "asgi") -> None:
         self.server = server
         self.hub = hub
+        self.adapter = adapter
         self.url = server.url
-        self.ws_url = server.ws_url + "/ws"
+        base = server.websockets_url if adapter == "websockets" else server.ws_url
+        self.ws_url = base + "/ws"
+        #: The ``Host`` header of a handshake on ``ws_url`` (``host:port``).
+        self.ws_host = base.removeprefix("ws://")
         self._sessions: dict[str, str] = {}
 
     async def session(self, name: str, *, fresh: bool = False) -> str:
@@ -113,9 +125,26 @@ class Demo:
         )
 
 
+@pytest.fixture(params=ADAPTERS)
+def adapter(request: pytest.FixtureRequest) -> str:
+    """The WebSocket adapter under test: every protocol test runs against both."""
+    return str(request.param)
+
+
 @pytest.fixture
-def start_demo(tmp_path: Path) -> Iterator[Callable[..., Demo]]:
+def start_demo(tmp_path: Path, adapter: str) -> Iterator[Callable[..., Demo]]:
     """Start demo servers (fresh SQLite file each); they stop after the test."""
+    yield from _demos(tmp_path, adapter)
+
+
+@pytest.fixture
+def http_demo(tmp_path: Path) -> Iterator[Demo]:
+    """A demo for the tests of the HTTP API alone, which only the ASGI adapter serves."""
+    for start in _demos(tmp_path, "asgi"):
+        yield start()
+
+
+def _demos(tmp_path: Path, adapter: str) -> Iterator[Callable[..., Demo]]:
     with ExitStack() as stack:
         count = 0
 
@@ -142,12 +171,21 @@ def start_demo(tmp_path: Path) -> Iterator[Callable[..., Demo]]:
                 ws_ping_timeout=hub.limits.ping_timeout,
                 ws_max_size=hub.limits.max_frame_size * 4 + 1024,
                 sndbuf=sndbuf,
+                websockets=websockets_server(hub) if adapter == "websockets" else None,
             )
             server.start()
             stack.callback(server.stop)
-            return Demo(server, hub)
+            return Demo(server, hub, adapter)
 
         yield start
+
+
+def websockets_server(hub: Hub) -> PmhubServer:
+    # Its own authenticator on the hub's store, as another process would have;
+    # reading revocations on every handshake, so a logout through the ASGI
+    # demo holds here at once.
+    auth = SessionAuthenticator(SECRET, cast(RevocationStore, hub.store), refresh_interval=0)
+    return PmhubServer(hub, auth)
 
 
 @pytest.fixture
@@ -337,7 +375,7 @@ async def test_handshake_with_revoked_session_is_refused_with_403(demo: Demo) ->
 )
 async def test_handshake_origin_check(demo: Demo, origin: str | None, accepted: bool) -> None:
     session = await demo.session("alice")
-    headers = {} if origin is None else {"Origin": origin.format(host=demo.server.host)}
+    headers = {} if origin is None else {"Origin": origin.format(host=demo.ws_host)}
     if accepted:
         async with AsyncExitStack() as stack:
             ws = await demo.connect(stack, "alice", headers=headers)
@@ -1074,12 +1112,13 @@ async def test_heartbeat_drops_a_client_that_does_not_answer_pings(
     demo = start_demo(limits=Limits(ping_interval=0.2, ping_timeout=1.5))
     bob = await demo.connect(stack, "bob")  # answers pings: stays
     session = await demo.session("alice")
-    reader, writer = await asyncio.open_connection("127.0.0.1", demo.server.port)
+    host, port = demo.ws_host.split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
     try:
         writer.write(
             (
                 "GET /ws HTTP/1.1\r\n"
-                f"Host: {demo.server.host}\r\n"
+                f"Host: {demo.ws_host}\r\n"
                 "Upgrade: websocket\r\nConnection: Upgrade\r\n"
                 "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
                 "Sec-WebSocket-Version: 13\r\n"
@@ -1167,10 +1206,10 @@ async def test_post_message_resend_is_200_with_the_stored_message(
         assert await barrier(ws) == []
 
 
-async def test_post_message_errors(demo: Demo) -> None:
-    alice = await demo.session("alice")
-    mallory = await demo.session("mallory")
-    async with demo.api(alice) as http:
+async def test_post_message_errors(http_demo: Demo) -> None:
+    alice = await http_demo.session("alice")
+    mallory = await http_demo.session("mallory")
+    async with http_demo.api(alice) as http:
         for body in [b"not json", b"[]", b"{}", b'{"recipient_id": 2}', b'{"content": "x"}']:
             check_error(
                 await http.post("/api/messages", content=body, headers=JSON_BODY),
@@ -1205,13 +1244,13 @@ async def test_post_message_errors(demo: Demo) -> None:
         )
         check_error(response, 403, "forbidden")
         assert (await http.get(f"/api/messages/{BOB}")).json()["messages"] == []
-    async with demo.api(mallory) as http:
+    async with http_demo.api(mallory) as http:
         response = await http.post("/api/messages", json={"recipient_id": ALICE, "content": "x"})
         check_error(response, 403, "forbidden")
-    async with demo.api() as http:
+    async with http_demo.api() as http:
         response = await http.post("/api/messages", json={"recipient_id": BOB, "content": "x"})
         check_error(response, 401, "unauthenticated")
-    async with demo.api(alice + "x") as http:
+    async with http_demo.api(alice + "x") as http:
         response = await http.post("/api/messages", json={"recipient_id": BOB, "content": "x"})
         check_error(response, 401, "unauthenticated")
 
@@ -1232,14 +1271,14 @@ async def test_post_message_over_the_rate_is_429_with_retry_after(
 
 
 async def test_post_message_while_the_store_fails_is_503_and_a_resend_later_stores_it(
-    demo: Demo, monkeypatch: pytest.MonkeyPatch
+    http_demo: Demo, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async def broken_save(drafts: list[Draft]) -> None:
         raise RuntimeError("the disk is on fire")
 
     body = {"recipient_id": BOB, "content": "later", "client_id": "k-503"}
-    async with demo.api(await demo.session("alice")) as http:
-        monkeypatch.setattr(demo.hub.store, "save_many", broken_save)
+    async with http_demo.api(await http_demo.session("alice")) as http:
+        monkeypatch.setattr(http_demo.hub.store, "save_many", broken_save)
         response = await http.post("/api/messages", json=body)
         check_error(response, 503, "unavailable")
         assert int(response.headers["content-length"]) == len(response.content)
@@ -1261,17 +1300,17 @@ async def test_a_resend_is_answered_with_the_stored_message_whatever_it_carries_
         assert await recv_json(alice) == stored
 
 
-async def test_history_pages_oldest_first_within_a_page(demo: Demo) -> None:
+async def test_history_pages_oldest_first_within_a_page(http_demo: Demo) -> None:
     rows = []
     for number in range(250):
         rows.append((ALICE, BOB, f"ab{number}") if number % 2 else (BOB, ALICE, f"ba{number}"))
         if number % 50 == 0:
             rows.append((ALICE, CAROL, f"ac{number}"))
-    ids = await demo.seed(rows)
+    ids = await http_demo.seed(rows)
     pair = [i for i, row in zip(ids, rows, strict=True) if CAROL not in row[:2]]
     assert len(pair) == 250
 
-    async with demo.api(await demo.session("alice")) as http:
+    async with http_demo.api(await http_demo.session("alice")) as http:
 
         async def page(**params: int) -> tuple[list[int], bool]:
             response = await http.get(f"/api/messages/{BOB}", params=params)
@@ -1300,11 +1339,11 @@ async def test_history_pages_oldest_first_within_a_page(demo: Demo) -> None:
         check_error(await http.get(f"/api/messages/{BOB}?before_id=x"), 400, "invalid_frame")
         check_error(await http.get("/api/messages/99"), 404, "not_found")
         check_error(await http.get("/api/messages/bob"), 404, "not_found")
-    async with demo.api() as http:
+    async with http_demo.api() as http:
         check_error(await http.get(f"/api/messages/{BOB}"), 401, "unauthenticated")
 
 
-async def test_history_is_only_the_callers_own_conversation(demo: Demo) -> None:
+async def test_history_is_only_the_callers_own_conversation(http_demo: Demo) -> None:
     # Messages between mallory and alice from before the policy forbade them.
     rows = [
         (ALICE, MALLORY, "old 1"),
@@ -1313,10 +1352,10 @@ async def test_history_is_only_the_callers_own_conversation(demo: Demo) -> None:
         (CAROL, ALICE, "ca"),
         (BOB, CAROL, "bc"),
     ]
-    ids = dict(zip([r[2] for r in rows], await demo.seed(rows), strict=True))
+    ids = dict(zip([r[2] for r in rows], await http_demo.seed(rows), strict=True))
 
     async def contents(name: str, peer: int) -> list[str]:
-        async with demo.api(await demo.session(name)) as http:
+        async with http_demo.api(await http_demo.session(name)) as http:
             response = await http.get(f"/api/messages/{peer}")
         assert response.status_code == 200
         messages = response.json()["messages"]
@@ -1375,8 +1414,8 @@ async def test_mark_read_over_http(demo: Demo, stack: AsyncExitStack) -> None:
         check_error(response, 401, "unauthenticated")
 
 
-async def test_conversations_most_recent_first_with_unread_counts(demo: Demo) -> None:
-    ids = await demo.seed(
+async def test_conversations_most_recent_first_with_unread_counts(http_demo: Demo) -> None:
+    ids = await http_demo.seed(
         [
             (BOB, ALICE, "b1"),
             (ALICE, CAROL, "a1"),
@@ -1388,7 +1427,7 @@ async def test_conversations_most_recent_first_with_unread_counts(demo: Demo) ->
     )
 
     async def rows(name: str) -> list[tuple[int, str, int]]:
-        async with demo.api(await demo.session(name)) as http:
+        async with http_demo.api(await http_demo.session(name)) as http:
             response = await http.get("/api/conversations")
         assert response.status_code == 200
         body = response.json()
@@ -1400,10 +1439,10 @@ async def test_conversations_most_recent_first_with_unread_counts(demo: Demo) ->
     assert await rows("alice") == [(BOB, "a2", 2), (CAROL, "c1", 1)]
     assert await rows("carol") == [(BOB, "bc", 1), (ALICE, "c1", 1)]
     assert await rows("mallory") == []
-    async with demo.api(await demo.session("alice")) as http:
+    async with http_demo.api(await http_demo.session("alice")) as http:
         await http.post(f"/api/messages/{BOB}/read", json={"up_to_id": ids[2]})
     assert await rows("alice") == [(BOB, "a2", 0), (CAROL, "c1", 1)]
-    async with demo.api() as http:
+    async with http_demo.api() as http:
         check_error(await http.get("/api/conversations"), 401, "unauthenticated")
 
 
@@ -1450,13 +1489,13 @@ async def test_metrics_in_prometheus_text_format(
     assert 'pmhub_store_seconds_count{operation="save"}' in text
 
 
-async def test_metrics_off_is_404(demo: Demo) -> None:
-    async with demo.api() as http:
+async def test_metrics_off_is_404(http_demo: Demo) -> None:
+    async with http_demo.api() as http:
         check_error(await http.get("/metrics"), 404, "not_found")
 
 
-async def test_unknown_routes_are_404_and_wrong_methods_405(demo: Demo) -> None:
-    async with demo.api(await demo.session("alice")) as http:
+async def test_unknown_routes_are_404_and_wrong_methods_405(http_demo: Demo) -> None:
+    async with http_demo.api(await http_demo.session("alice")) as http:
         for path in ["/nope", "/api/nope", "/api/messages/2/read/more", "/api", "/ws/x"]:
             check_error(await http.get(path), 404, "not_found")
         for method, path, allow in [
@@ -1476,15 +1515,15 @@ async def test_unknown_routes_are_404_and_wrong_methods_405(demo: Demo) -> None:
 # -- the demo's own routes ----------------------------------------------------------------------
 
 
-async def test_demo_routes_answer_405_to_other_methods(demo: Demo) -> None:
-    async with demo.api() as http:
+async def test_demo_routes_answer_405_to_other_methods(http_demo: Demo) -> None:
+    async with http_demo.api() as http:
         response = await http.get("/api/login")
         check_error(response, 405, "method_not_allowed")
         assert response.headers["allow"] == "POST"
 
 
-async def test_demo_login_and_me(demo: Demo) -> None:
-    async with demo.api() as http:
+async def test_demo_login_and_me(http_demo: Demo) -> None:
+    async with http_demo.api() as http:
         response = await http.post("/api/login", json={"username": "alice", "password": "alice"})
         assert response.status_code == 200
         assert response.json() == {"id": ALICE, "username": "alice"}
@@ -1510,13 +1549,13 @@ async def test_demo_login_and_me(demo: Demo) -> None:
             )
 
         check_error(await http.get("/api/me"), 401, "unauthenticated")
-    async with demo.api(session) as http:
+    async with http_demo.api(session) as http:
         response = await http.get("/api/me")
         assert response.status_code == 200
         assert response.json() == {"id": ALICE, "username": "alice"}
 
 
-async def test_demo_users_lists_who_you_may_talk_to(demo: Demo) -> None:
+async def test_demo_users_lists_who_you_may_talk_to(http_demo: Demo) -> None:
     expected = {
         "alice": [BOB, CAROL],
         "bob": [ALICE, CAROL],
@@ -1524,22 +1563,34 @@ async def test_demo_users_lists_who_you_may_talk_to(demo: Demo) -> None:
         "mallory": [CAROL],
     }
     for name, peers in expected.items():
-        async with demo.api(await demo.session(name)) as http:
+        async with http_demo.api(await http_demo.session(name)) as http:
             response = await http.get("/api/users")
         assert response.status_code == 200
         assert response.json() == [{"id": peer, "username": NAMES[peer]} for peer in peers]
-    async with demo.api() as http:
+    async with http_demo.api() as http:
         check_error(await http.get("/api/users"), 401, "unauthenticated")
 
 
-async def test_demo_serves_the_chat_page(demo: Demo) -> None:
-    page = Path(chat.__file__).with_name("chat.html")
-    if not page.exists():
-        pytest.skip("examples/chat.html is not written yet")
-    async with demo.api() as http:
-        response = await http.get("/")
+@pytest.mark.parametrize(
+    ("path", "name", "content_type"),
+    [
+        ("/", "chat.html", "text/html; charset=utf-8"),
+        ("/chat.js", "chat.js", "text/javascript; charset=utf-8"),
+        ("/chat.css", "chat.css", "text/css; charset=utf-8"),
+        ("/client.js", "client.js", "text/javascript; charset=utf-8"),
+    ],
+)
+async def test_demo_serves_the_page_and_the_browser_client_from_the_package(
+    http_demo: Demo, path: str, name: str, content_type: str
+) -> None:
+    async with http_demo.api() as http:
+        response = await http.get(path)
+        head = await http.head(path)
     assert response.status_code == 200
-    assert response.headers["content-type"] == "text/html; charset=utf-8"
-    assert "default-src 'self'" in response.headers["content-security-policy"]
-    assert response.content == page.read_bytes()
-    assert b"<!doctype html>" in response.content[:100].lower()
+    assert response.headers["content-type"] == content_type
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.content == (resources.files("pmhub.web") / name).read_bytes()
+    assert head.status_code == 200 and head.content == b""
+    if path != "/client.js":  # served by the demo, with the page's policy
+        csp = response.headers["content-security-policy"]
+        assert "script-src 'self';" in csp and "unsafe" not in csp

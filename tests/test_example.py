@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from servers import EXAMPLES, cookie_header, free_port, login, recv_json
+from servers import EXAMPLES, DemoProcess, cookie_header, free_port, login, recv_json
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -104,3 +104,46 @@ async def test_the_demo_chats_stops_with_1001_and_keeps_its_messages(tmp_path: P
                 "last_id": sent["message"]["id"],
                 "has_more": False,
             }
+
+
+async def test_the_websockets_demo_takes_the_asgi_demos_cookies_and_stops_with_1001(
+    tmp_path: Path,
+) -> None:
+    """``examples/websockets_chat.py`` beside the ASGI demo, on one file and secret."""
+    db, log = tmp_path / "demo.db", tmp_path / "demo.log"
+    asgi = DemoProcess(db, free_port(), log, SECRET)
+    ws_demo = DemoProcess(db, free_port(), tmp_path / "ws.log", SECRET, "websockets_chat.py")
+    await asgi.start()
+    await ws_demo.start()
+    try:
+        alice, bob = await login(asgi.url, "alice"), await login(asgi.url, "bob")
+        url = f"ws://127.0.0.1:{ws_demo.port}/ws"
+        async with httpx.AsyncClient() as http:
+            health = await http.get(f"http://127.0.0.1:{ws_demo.port}/healthz")
+        assert health.json()["status"] == "ok"
+        async with (
+            connect(url, additional_headers=cookie_header(alice)) as a_ws,
+            connect(url, additional_headers=cookie_header(bob)) as b_ws,
+        ):
+            assert (await recv_json(a_ws))["type"] == "system"
+            assert (await recv_json(b_ws))["type"] == "system"
+            frame = {
+                "type": "private_message",
+                "recipient_id": 2,
+                "content": "hi",
+                "client_id": "w",
+            }
+            await a_ws.send(json.dumps(frame))
+            while (got := await recv_json(b_ws))["type"] != "private_message":
+                pass
+            assert got["message"]["content"] == "hi" and got["sender_id"] == 1
+            assert await ws_demo.stop() == 0  # SIGTERM: every connection closed with 1001
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    await recv_json(a_ws)
+            assert a_ws.close_code == 1001
+        assert asgi.stored("hi") == 1
+    finally:
+        await ws_demo.stop()
+        await asgi.stop()
+    assert "Traceback" not in ws_demo.text() + asgi.text()

@@ -15,7 +15,9 @@ Local misuse of the API (a bad argument, a hub used before it started) raises
 
 from __future__ import annotations
 
-__all__ = ["BackendError", "PmhubError", "Rejected", "Unauthenticated"]
+import msgspec
+
+__all__ = ["BackendError", "PmhubError", "Rejected", "Unauthenticated", "error_body"]
 
 #: HTTP status for each error code of the wire protocol.
 STATUS_BY_CODE: dict[str, int] = {
@@ -70,3 +72,8 @@ class Unauthenticated(Rejected):
 
 class BackendError(PmhubError):
     """A store or broker call failed; the operation was not confirmed."""
+
+
+def error_body(code: str, message: str) -> bytes:
+    """The JSON body of an HTTP refusal: ``{"error": {"code": ..., "message": ...}}``."""
+    return msgspec.json.encode({"error": {"code": code, "message": message}})

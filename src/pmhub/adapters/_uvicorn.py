@@ -26,7 +26,7 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
-from ..frames import encode
+from ..errors import error_body
 from ..limits import Limits
 from ..metrics import Metrics
 
@@ -41,7 +41,7 @@ _END_OF_HEAD = re.compile(rb"\r?\n\r?\n")
 
 def _response(status: int, code: str, message: str) -> bytes:
     """A complete HTTP/1.1 answer with a JSON error body, closing the connection."""
-    body = encode({"error": {"code": code, "message": message}})
+    body = error_body(code, message)
     head = (
         f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
         "content-type: application/json\r\n"

@@ -12,11 +12,13 @@ limit (close 1009) whatever the server's is.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, MutableMapping
 from contextlib import asynccontextmanager
+from importlib import resources
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 
@@ -25,7 +27,7 @@ import msgspec
 
 from .. import runner
 from ..auth import Authenticator, Identity, Request, origin_allowed
-from ..errors import BackendError, Rejected
+from ..errors import BackendError, Rejected, error_body
 from ..frames import MAX_SAFE_INT, ClientId, Id, Outgoing, decode_body, encode
 from ..hub import Hub
 from ..protocol import CLOSE_POLICY_VIOLATION
@@ -95,6 +97,7 @@ class PmhubApp:
 
     * ``websocket_path`` (default ``/ws``) upgrades to the chat protocol.
     * ``/api/...``, ``/healthz`` and ``/metrics`` serve the HTTP API.
+    * ``/client.js`` serves the browser client (an ES module).
     * ``allowed_origins`` lists extra browser origins allowed besides the
       request's own host (``"https://app.example.com"`` or ``"app.example.com"``).
 
@@ -133,12 +136,14 @@ class PmhubApp:
         path = route_path(scope)
         if kind == "websocket" and path == self.websocket_path:
             await self._websocket(scope, receive, send)
+        elif kind == "http" and path == "/client.js":
+            await self._client_js(scope, send)
         elif kind == "http" and (path.startswith("/api/") or path in ("/healthz", "/metrics")):
             await self._http(scope, receive, send, path)
         elif kind == "websocket":
             await _refuse(scope, send, 404, "not_found", f"no WebSocket endpoint at {path}")
         else:
-            await respond_json(send, 404, _error_body("not_found", f"no route for {path}"))
+            await respond_json(send, 404, error_body("not_found", f"no route for {path}"))
 
     def guard(self, scope: Scope) -> Request:
         """The request of an HTTP scope, refused if it may be forged by another site.
@@ -250,7 +255,7 @@ class PmhubApp:
             # The store is down or the hub stopped: nothing was confirmed; try again later.
             logger.error("HTTP %s %s failed: %s", method, path, exc)
             self.hub.metrics.error("unavailable")
-            unavailable = _error_body("unavailable", "the service is unavailable: try again later")
+            unavailable = error_body("unavailable", "the service is unavailable: try again later")
             await respond_json(send, 503, unavailable)
         except Rejected as exc:
             self.hub.metrics.error(exc.code)
@@ -270,6 +275,25 @@ class PmhubApp:
             identity.user_id, peer_id, before_id=before_id, limit=50 if limit is None else limit
         )
         await respond_json(send, 200, encode({"messages": messages, "has_more": has_more}))
+
+    async def _client_js(self, scope: Scope, send: Send) -> None:
+        """The browser client, an ES module: ``import {PmhubClient} from "./client.js"``."""
+        try:
+            _allow(scope["method"], "GET")
+        except Rejected as exc:
+            await respond_error(send, exc)
+            return
+        body = _client_module()
+        headers = [
+            (b"content-type", b"text/javascript; charset=utf-8"),
+            (b"content-length", str(len(body)).encode()),
+            (b"cache-control", b"no-cache"),
+            NOSNIFF,
+        ]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send(
+            {"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body}
+        )
 
     async def _healthz(self, send: Send) -> None:
         try:
@@ -298,6 +322,11 @@ class PmhubApp:
 
 
 # -- helpers -----------------------------------------------------------------------------
+
+
+@functools.cache
+def _client_module() -> bytes:
+    return (resources.files("pmhub.web") / "client.js").read_bytes()
 
 
 def route_path(scope: Scope) -> str:
@@ -374,11 +403,7 @@ async def respond_error(send: Send, exc: Rejected) -> None:
         headers.append((b"retry-after", str(math.ceil(exc.retry_after)).encode()))
     if exc.status == 405:
         headers.append((b"allow", exc.message.rsplit(" ", 1)[-1].encode()))
-    await respond_json(send, exc.status, _error_body(exc.code, exc.message), headers)
-
-
-def _error_body(code: str, message: str) -> bytes:
-    return encode({"error": {"code": code, "message": message}})
+    await respond_json(send, exc.status, error_body(exc.code, exc.message), headers)
 
 
 async def respond_json(
@@ -419,7 +444,7 @@ async def _refuse(scope: Scope, send: Send, status: int, code: str, message: str
     """Refuse a handshake: an HTTP answer where the server can send one, else close."""
     if "websocket.http.response" in scope.get("extensions", {}):
         await send({"type": "websocket.http.response.start", "status": status, "headers": JSON})
-        await send({"type": "websocket.http.response.body", "body": _error_body(code, message)})
+        await send({"type": "websocket.http.response.body", "body": error_body(code, message)})
     else:
         await send({"type": "websocket.close", "code": CLOSE_POLICY_VIOLATION, "reason": message})
 
