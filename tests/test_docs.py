@@ -6,12 +6,13 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
+from typing import get_args
 
 import pytest
 from docblocks import DOCS, ROOT, Block, python_blocks
 
 from pmhub import _protocol_doc, protocol
-from pmhub.errors import STATUS_BY_CODE
+from pmhub.errors import STATUS_BY_CODE, ErrorCode
 from pmhub.frames import ClientFrame, ServerFrame
 
 PROTOCOL_MD = ROOT / "docs" / "protocol.md"
@@ -132,3 +133,7 @@ def test_links_between_docs_resolve(path: Path) -> None:
         assert linked.is_file(), f"{path.name} links to missing {target}"
         if anchor:
             assert anchor in anchors(linked), f"{path.name} links to missing {target}#{anchor}"
+
+
+def test_every_error_code_has_its_http_status() -> None:
+    assert set(get_args(ErrorCode)) == set(STATUS_BY_CODE)

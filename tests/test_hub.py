@@ -18,6 +18,7 @@ import pytest
 from queues import drain
 
 from pmhub import BackendError, Hub, Identity, Limits, MemoryStore, Rejected, StaticPolicy
+from pmhub.api import Health
 from pmhub.connection import Connection
 from pmhub.store import Draft, ReadReceipt
 
@@ -174,7 +175,7 @@ async def test_clients_lists_the_open_connections_of_a_user() -> None:
         async with hub.connect(Identity(ALICE)) as phone, hub.connect(Identity(ALICE)) as laptop:
             assert {c.id for c in hub.connections(ALICE)} == {phone.id, laptop.id}
             assert hub.connections(BOB) == []
-            assert await hub.health() == {"connections": 2, "users_online": 1}
+            assert await hub.health() == Health(connections=2, users_online=1)
         assert hub.connections(ALICE) == []
 
 
@@ -766,7 +767,7 @@ async def test_store_failure_closes_1011_and_the_hub_keeps_working(
 async def test_health_reports_counts_and_raises_when_the_store_is_down() -> None:
     store = FailingStore()
     async with running_hub(store) as hub:
-        assert await hub.health() == {"connections": 0, "users_online": 0}
+        assert await hub.health() == Health(connections=0, users_online=0)
         store.failing = True
         with pytest.raises(BackendError, match="store"):
             await hub.health()

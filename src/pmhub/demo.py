@@ -40,7 +40,17 @@ from .adapters.asgi import (
 from .auth import LoginThrottle, Request
 from .errors import BackendError, Rejected, Unauthenticated
 
-__all__ = ["NAMES", "POLICY", "USERS", "arguments", "build_app", "demo_secret", "main"]
+__all__ = [
+    "NAMES",
+    "POLICY",
+    "USERS",
+    "Login",
+    "User",
+    "arguments",
+    "build_app",
+    "demo_secret",
+    "main",
+]
 
 USERS = {"alice": 1, "bob": 2, "carol": 3, "mallory": 4}
 NAMES = {user_id: name for name, user_id in USERS.items()}
@@ -53,9 +63,18 @@ ASSETS = {
 }
 
 
-class Login(msgspec.Struct):
+class Login(msgspec.Struct, frozen=True):
+    """``POST /api/login``."""
+
     username: str
     password: str
+
+
+class User(msgspec.Struct, frozen=True):
+    """A demo user: ``GET /api/me``, ``GET /api/users`` and the login's answer."""
+
+    id: int
+    username: str
 
 
 def build_app(
@@ -122,7 +141,7 @@ def build_app(
             elif route == ("GET", "/api/users"):
                 identity = await auth.authenticate(request)
                 peers = [
-                    {"id": peer, "username": NAMES[peer]}
+                    User(peer, NAMES[peer])
                     for peer in sorted(NAMES)
                     if await POLICY.may_converse(identity.user_id, peer)
                 ]
@@ -171,7 +190,7 @@ async def _asset(send: Send, path: str, *, head: bool = False) -> None:
 
 
 def _user(user_id: int) -> bytes:
-    return msgspec.json.encode({"id": user_id, "username": NAMES[user_id]})
+    return msgspec.json.encode(User(user_id, NAMES[user_id]))
 
 
 def demo_secret() -> str:

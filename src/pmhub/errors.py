@@ -15,12 +15,37 @@ Local misuse of the API (a bad argument, a hub used before it started) raises
 
 from __future__ import annotations
 
+from typing import Literal
+
 import msgspec
 
-__all__ = ["BackendError", "PmhubError", "Rejected", "Unauthenticated", "error_body"]
+__all__ = [
+    "BackendError",
+    "ErrorCode",
+    "PmhubError",
+    "Rejected",
+    "Unauthenticated",
+    "error_body",
+]
+
+#: Every error code pmhub sends, in ``error`` frames and HTTP bodies. The
+#: first four are the WebSocket's; the rest are HTTP's (and refused handshakes').
+ErrorCode = Literal[
+    "invalid_frame",
+    "forbidden",
+    "too_long",
+    "rate_limited",
+    "unauthenticated",
+    "not_found",
+    "method_not_allowed",
+    "request_timeout",
+    "too_large",
+    "unsupported_media_type",
+    "unavailable",
+]
 
 #: HTTP status for each error code of the wire protocol.
-STATUS_BY_CODE: dict[str, int] = {
+STATUS_BY_CODE: dict[ErrorCode, int] = {
     "invalid_frame": 400,
     "too_long": 400,
     "unauthenticated": 401,
@@ -48,7 +73,7 @@ class Rejected(PmhubError):
 
     def __init__(
         self,
-        code: str,
+        code: ErrorCode,
         message: str,
         *,
         retry_after: float | None = None,
@@ -74,6 +99,6 @@ class BackendError(PmhubError):
     """A store or broker call failed; the operation was not confirmed."""
 
 
-def error_body(code: str, message: str) -> bytes:
+def error_body(code: ErrorCode, message: str) -> bytes:
     """The JSON body of an HTTP refusal: ``{"error": {"code": ..., "message": ...}}``."""
     return msgspec.json.encode({"error": {"code": code, "message": message}})

@@ -34,6 +34,7 @@ from typing import TypeVar
 import anyio
 import anyio.abc
 
+from .api import Health
 from .auth import Identity
 from .broker import Broker, Deliver, Event, InProcessBroker, Presence, Revoke
 from .connection import Connection
@@ -492,7 +493,7 @@ class Hub:
         """Every conversation of ``user_id``, most recent first."""
         return await self._timed("conversations", self.store.conversations(user_id))
 
-    async def health(self) -> dict[str, int]:
+    async def health(self) -> Health:
         """Raise :class:`~pmhub.errors.BackendError` unless store and broker answer."""
         if not self._running:
             raise BackendError("the hub is not running")
@@ -504,10 +505,7 @@ class Hub:
             await self.broker.ping()
         except Exception as exc:
             raise BackendError(f"broker: {exc}") from exc
-        return {
-            "connections": self.connection_count,
-            "users_online": len(self._connections),
-        }
+        return Health(self.connection_count, len(self._connections))
 
     async def _sync(self, connection: Connection, after_id: int) -> None:
         size = self.limits.sync_page_size

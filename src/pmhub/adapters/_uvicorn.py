@@ -26,7 +26,7 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
-from ..errors import error_body
+from ..errors import ErrorCode, error_body
 from ..limits import Limits
 from ..metrics import Metrics
 
@@ -39,7 +39,7 @@ MAX_HEADER_LINE = 8192
 _END_OF_HEAD = re.compile(rb"\r?\n\r?\n")
 
 
-def _response(status: int, code: str, message: str) -> bytes:
+def _response(status: int, code: ErrorCode, message: str) -> bytes:
     """A complete HTTP/1.1 answer with a JSON error body, closing the connection."""
     body = error_body(code, message)
     head = (
@@ -131,7 +131,7 @@ class _GuardedH11(H11Protocol):
         else:  # nothing sent yet (or the answer has begun): just close
             self.transport.close()
 
-    def _refuse(self, status: int, code: str, message: str) -> None:
+    def _refuse(self, status: int, code: ErrorCode, message: str) -> None:
         self._disarm()
         logger.info("refused an HTTP request from %s: %d %s", self.client, status, message)
         self.metrics.error(code)

@@ -26,9 +26,10 @@ import anyio
 import msgspec
 
 from .. import runner
+from ..api import HistoryPage, PostMessage, PostRead, ReadResult, Unhealthy
 from ..auth import Authenticator, Identity, Request, origin_allowed
-from ..errors import BackendError, Rejected, error_body
-from ..frames import MAX_SAFE_INT, ClientId, Id, Outgoing, decode_body, encode
+from ..errors import BackendError, ErrorCode, Rejected, error_body
+from ..frames import MAX_SAFE_INT, Outgoing, decode_body, encode
 from ..hub import Hub
 from ..protocol import CLOSE_POLICY_VIOLATION
 
@@ -58,16 +59,6 @@ S = TypeVar("S", bound=msgspec.Struct)
 #: On every response: a browser never guesses another type than the one sent.
 NOSNIFF = (b"x-content-type-options", b"nosniff")
 JSON = [(b"content-type", b"application/json"), NOSNIFF]
-
-
-class _PostMessage(msgspec.Struct, frozen=True):
-    recipient_id: Id
-    content: str
-    client_id: ClientId | None = None
-
-
-class _PostRead(msgspec.Struct, frozen=True):
-    up_to_id: Id
 
 
 class _Transport:
@@ -227,7 +218,7 @@ class PmhubApp:
                 case ["api", "messages"]:
                     _allow(method, "POST")
                     identity = await self.authenticator.authenticate(request)
-                    body = await read_json(receive, _PostMessage, self.max_body_size)
+                    body = await read_json(receive, PostMessage, self.max_body_size)
                     await self._known(body.recipient_id)
                     message, created = await self.hub.send_message(
                         identity.user_id, body.recipient_id, body.content, body.client_id
@@ -240,10 +231,10 @@ class PmhubApp:
                     _allow(method, "POST")
                     identity = await self.authenticator.authenticate(request)
                     peer_id = _user_id(peer)
-                    read = await read_json(receive, _PostRead, self.max_body_size)
+                    read = await read_json(receive, PostRead, self.max_body_size)
                     await self._known(peer_id)
                     updated = await self.hub.mark_read(identity.user_id, peer_id, read.up_to_id)
-                    await respond_json(send, 200, encode({"updated": updated}))
+                    await respond_json(send, 200, encode(ReadResult(updated)))
                 case ["api", "conversations"]:
                     _allow(method, "GET")
                     identity = await self.authenticator.authenticate(request)
@@ -274,7 +265,7 @@ class PmhubApp:
         messages, has_more = await self.hub.history(
             identity.user_id, peer_id, before_id=before_id, limit=50 if limit is None else limit
         )
-        await respond_json(send, 200, encode({"messages": messages, "has_more": has_more}))
+        await respond_json(send, 200, encode(HistoryPage(messages, has_more)))
 
     async def _client_js(self, scope: Scope, send: Send) -> None:
         """The browser client, an ES module: ``import {PmhubClient} from "./client.js"``."""
@@ -299,10 +290,9 @@ class PmhubApp:
         try:
             details = await self.hub.health()
         except BackendError as exc:
-            body = {"status": "unavailable", "error": str(exc)}
-            await respond_json(send, 503, encode(body))
+            await respond_json(send, 503, encode(Unhealthy(str(exc))))
             return
-        await respond_json(send, 200, encode({"status": "ok", **details}))
+        await respond_json(send, 200, encode(details))
 
     async def _metrics(self, send: Send) -> None:
         render = getattr(self.hub.metrics, "render", None)
@@ -440,7 +430,7 @@ async def read_json(receive: Receive, schema: type[S], limit: int) -> S:
         raise Rejected("invalid_frame", f"invalid JSON body: {exc.message}") from None
 
 
-async def _refuse(scope: Scope, send: Send, status: int, code: str, message: str) -> None:
+async def _refuse(scope: Scope, send: Send, status: int, code: ErrorCode, message: str) -> None:
     """Refuse a handshake: an HTTP answer where the server can send one, else close."""
     if "websocket.http.response" in scope.get("extensions", {}):
         await send({"type": "websocket.http.response.start", "status": status, "headers": JSON})

@@ -43,6 +43,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     ) from None
 
 from .. import runner
+from ..api import Unhealthy
 from ..auth import Authenticator, Identity, Request
 from ..errors import BackendError, Rejected, error_body
 from ..frames import Outgoing, encode
@@ -168,8 +169,8 @@ class PmhubServer:
         try:
             details = await self.hub.health()
         except BackendError as exc:
-            return _json_response(503, encode({"status": "unavailable", "error": str(exc)}))
-        return _json_response(200, encode({"status": "ok", **details}))
+            return _json_response(503, encode(Unhealthy(str(exc))))
+        return _json_response(200, encode(details))
 
 
 async def _until_stopped() -> None:
