@@ -88,7 +88,8 @@ class PmhubApp:
 
     * ``websocket_path`` (default ``/ws``) upgrades to the chat protocol.
     * ``/api/...``, ``/healthz`` and ``/metrics`` serve the HTTP API.
-    * ``/client.js`` serves the browser client (an ES module).
+    * ``/client.js`` serves the browser client (an ES module);
+      ``/asyncapi.json`` and ``/openapi.json`` describe the protocol.
     * ``allowed_origins`` lists extra browser origins allowed besides the
       request's own host (``"https://app.example.com"`` or ``"app.example.com"``).
 
@@ -127,8 +128,8 @@ class PmhubApp:
         path = route_path(scope)
         if kind == "websocket" and path == self.websocket_path:
             await self._websocket(scope, receive, send)
-        elif kind == "http" and path == "/client.js":
-            await self._client_js(scope, send)
+        elif kind == "http" and path in _STATIC:
+            await self._static(scope, send, path)
         elif kind == "http" and (path.startswith("/api/") or path in ("/healthz", "/metrics")):
             await self._http(scope, receive, send, path)
         elif kind == "websocket":
@@ -267,24 +268,23 @@ class PmhubApp:
         )
         await respond_json(send, 200, encode(HistoryPage(messages, has_more)))
 
-    async def _client_js(self, scope: Scope, send: Send) -> None:
-        """The browser client, an ES module: ``import {PmhubClient} from "./client.js"``."""
+    async def _static(self, scope: Scope, send: Send, path: str) -> None:
+        """The browser client (an ES module) and the protocol's AsyncAPI and OpenAPI documents."""
         try:
             _allow(scope["method"], "GET")
         except Rejected as exc:
             await respond_error(send, exc)
             return
-        body = _client_module()
+        content_type, body = _static(path)
         headers = [
-            (b"content-type", b"text/javascript; charset=utf-8"),
+            (b"content-type", content_type),
             (b"content-length", str(len(body)).encode()),
             (b"cache-control", b"no-cache"),
             NOSNIFF,
         ]
+        head_only = scope["method"] == "HEAD"
         await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send(
-            {"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body}
-        )
+        await send({"type": "http.response.body", "body": b"" if head_only else body})
 
     async def _healthz(self, send: Send) -> None:
         try:
@@ -314,9 +314,18 @@ class PmhubApp:
 # -- helpers -----------------------------------------------------------------------------
 
 
+_STATIC = ("/client.js", "/asyncapi.json", "/openapi.json")
+
+
 @functools.cache
-def _client_module() -> bytes:
-    return (resources.files("pmhub.web") / "client.js").read_bytes()
+def _static(path: str) -> tuple[bytes, bytes]:
+    if path == "/client.js":
+        body = (resources.files("pmhub.web") / "client.js").read_bytes()
+        return b"text/javascript; charset=utf-8", body
+    from .. import schemas  # only when asked: most servers never are
+
+    document = schemas.asyncapi() if path == "/asyncapi.json" else schemas.openapi()
+    return b"application/json", schemas.render(document).encode()
 
 
 def route_path(scope: Scope) -> str:
