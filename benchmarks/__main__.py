@@ -37,7 +37,11 @@ BASE_SERVERS = ["websockets", "starlette", "socketio", "pmhub-memory", "pmhub-sq
 SERVERS: dict[str, tuple[str, list[str]]] = {
     **{name: (name, []) for name in BASE_SERVERS},
     "pmhub-memory-allowall": ("pmhub-memory", ["--policy", "allowall"]),
+    # pmhub on its websockets adapter (no uvicorn), beside the ASGI runs.
+    "pmhub-memory-ws": ("pmhub-memory", ["--adapter", "websockets"]),
+    "pmhub-sqlite-ws": ("pmhub-sqlite", ["--adapter", "websockets"]),
 }
+WS_SERVERS = ["pmhub-memory-ws", "pmhub-sqlite-ws"]
 
 
 @dataclass
@@ -57,7 +61,7 @@ SCENARIOS = [
         "closed",
         "(a) closed loop: {users:,g} users, {inflight:g} messages each awaiting confirmation,"
         " {duration:g} s measured",
-        BASE_SERVERS,
+        [*BASE_SERVERS, *WS_SERVERS],
         {"users": 200, "inflight": 4, "warmup": 2, "duration": 10},
         {"users": 20, "inflight": 4, "warmup": 0.3, "duration": 1},
     ),
@@ -65,21 +69,21 @@ SCENARIOS = [
         "open",
         "(b) open loop: {users:,g} users, {rate:,g} msg/s offered in total,"
         " {duration:g} s measured",
-        BASE_SERVERS,
+        [*BASE_SERVERS, *WS_SERVERS],
         {"users": 1000, "rate": 2000, "warmup": 2, "duration": 10},
         {"users": 50, "rate": 200, "warmup": 0.3, "duration": 1},
     ),
     Scenario(
         "idle",
         "(c) {connections:,g} idle connections, {concurrency:g} handshakes at a time",
-        [*BASE_SERVERS, "pmhub-memory-allowall"],
+        [*BASE_SERVERS, "pmhub-memory-allowall", *WS_SERVERS],
         {"connections": 2000, "concurrency": 100, "settle": 30},
         {"connections": 100, "concurrency": 50, "settle": 3},
     ),
     Scenario(
         "sync",
         "(d) a client away for {preload:,g} messages syncs them (pmhub only)",
-        ["pmhub-memory", "pmhub-sqlite"],
+        ["pmhub-memory", "pmhub-sqlite", *WS_SERVERS],
         {"preload": 10000},
         {"preload": 1000},
     ),

@@ -244,6 +244,17 @@ def run_uvicorn(app: Any, sock: socket.socket, fast: bool, hub: Any = None) -> N
     Server(config).run(sockets=[sock])
 
 
+async def run_pmhub_websockets(app: Any, hub: Any, sock: socket.socket) -> None:
+    """pmhub on its ``websockets`` adapter, with the hub and authenticator of ``app``."""
+    from pmhub.adapters.websockets import PmhubServer
+
+    async with hub:
+        server = PmhubServer(hub, app.authenticator)
+        async with server.listen(None, None, sock=sock):
+            ready(sock)
+            await asyncio.Future()  # until the runner terminates the process
+
+
 def ready(sock: socket.socket) -> None:
     """Tell the runner we accept connections (it waits for this line)."""
     print(f"READY {sock.getsockname()[1]}", flush=True)
@@ -257,6 +268,9 @@ def main() -> None:
     parser.add_argument("--preload", type=int, default=0, help="messages stored for user 1")
     parser.add_argument("--uvloop", action="store_true", help="uvloop + httptools")
     parser.add_argument("--db", default="bench.db", help="SQLite file (pmhub-sqlite)")
+    parser.add_argument(
+        "--adapter", choices=("asgi", "websockets"), default="asgi", help="pmhub's adapter"
+    )
     args = parser.parse_args()
     raise_nofile()
     # Name IPPROTO_TCP: asyncio turns TCP_NODELAY on only for sockets that do, and
@@ -279,7 +293,14 @@ def main() -> None:
     else:
         store = args.kind.removeprefix("pmhub-")
         app, hub = pmhub_app(store, args.users, args.policy, args.preload, args.db)
-        run_uvicorn(app, sock, args.uvloop, hub)
+        if args.adapter == "asgi":
+            run_uvicorn(app, sock, args.uvloop, hub)
+        elif args.uvloop:
+            import uvloop
+
+            uvloop.run(run_pmhub_websockets(app, hub, sock))
+        else:
+            asyncio.run(run_pmhub_websockets(app, hub, sock))
 
 
 if __name__ == "__main__":
