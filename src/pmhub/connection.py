@@ -204,22 +204,29 @@ class Connection:
 
     async def next_frame(self) -> Outgoing | None:
         """Wait for the next frame to send; None once the connection must close."""
+        frames = await self.next_frames(1)
+        return frames[0] if frames else None
+
+    async def next_frames(self, limit: int = 64) -> list[Outgoing]:
+        """Wait for frames to send and take up to ``limit`` of those queued, in
+        order, so a transport can write them at once; ``[]`` once the
+        connection must close."""
         while not self._queue:
             if self.close_code is not None:
-                return None
+                return []
             self._wakeup = self._event()  # unset: a push while we wait sets it
             await self._wakeup.wait()
         if self.close_code is not None:
-            return None
+            return []
         queue = self._queue
-        frame = queue.popleft()
+        frames = [queue.popleft() for _ in range(min(limit, len(queue)))]
         if not queue:
             self._queue = None
-        self._queued_bytes -= len(frame.data)
+        self._queued_bytes -= sum(len(frame.data) for frame in frames)
         if self._room is not None and self._has_room():
             self._room.set()
             self._room = None
-        return frame
+        return frames
 
     def __repr__(self) -> str:
         return f"<Connection {self.id} user={self.user_id}>"

@@ -13,7 +13,7 @@ side closes. The close code is the hub's (1000, 1001, 1008, 1009, 1011, 1013).
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from typing import Protocol
 
 import anyio
@@ -40,8 +40,8 @@ class Transport(Protocol):
         """The next message: ``str`` for a text frame, ``bytes`` for a binary one."""
         ...
 
-    async def send(self, frame: Outgoing) -> None:
-        """Send one encoded frame as a text message."""
+    async def send(self, frames: Sequence[Outgoing]) -> None:
+        """Send encoded frames, in order, each as a text message (at once if it can)."""
         ...
 
     async def close(self, code: int, reason: str) -> None:
@@ -85,9 +85,9 @@ async def run(hub: Hub, identity: Identity, transport: Transport) -> None:
 
         async def write() -> None:
             try:
-                while (frame := await connection.next_frame()) is not None:
-                    await transport.send(frame)
-                code = connection.close_code  # set once next_frame() has ended
+                while frames := await connection.next_frames():
+                    await transport.send(frames)
+                code = connection.close_code  # set once next_frames() has ended
                 await transport.close(
                     CLOSE_NORMAL if code is None else code, connection.close_reason
                 )

@@ -16,7 +16,15 @@ import functools
 import logging
 import math
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, MutableMapping
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Mapping,
+    MutableMapping,
+    Sequence,
+)
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any, TypeVar
@@ -76,8 +84,9 @@ class _Transport:
         text: str | None = message.get("text")
         return text if text is not None else (message.get("bytes") or b"")
 
-    async def send(self, frame: Outgoing) -> None:
-        await self._send({"type": "websocket.send", "text": frame.text})
+    async def send(self, frames: Sequence[Outgoing]) -> None:
+        for frame in frames:  # ASGI has no way to send several at once
+            await self._send({"type": "websocket.send", "text": frame.text})
 
     async def close(self, code: int, reason: str) -> None:
         await self._send({"type": "websocket.close", "code": code, "reason": reason})

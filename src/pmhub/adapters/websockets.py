@@ -19,12 +19,13 @@ or, in a server of your own::
 
 from __future__ import annotations
 
+import contextlib
 import http
 import logging
 import signal
 import threading
 import weakref
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -68,14 +69,41 @@ class _Transport:
         except ConnectionClosed:
             return None
 
-    async def send(self, frame: Outgoing) -> None:
+    async def send(self, frames: Sequence[Outgoing]) -> None:
+        ws = self._ws
         try:
-            await self._ws.send(frame.data, text=True)  # the encoded bytes, as a text frame
+            if len(frames) == 1:
+                await ws.send(frames[0].data, text=True)  # the encoded bytes, as a text frame
+                return
+            async with ws.send_context():  # as send() does, for several messages
+                for frame in frames:
+                    ws.protocol.send_text(frame.data)
         except ConnectionClosed as exc:
             raise OSError("the WebSocket is closed") from exc
 
     async def close(self, code: int, reason: str) -> None:
         await self._ws.close(code, reason)
+
+
+class _Connection(ServerConnection):
+    """Writes what the protocol has to send in one system call, not one per frame."""
+
+    def send_data(self) -> None:
+        chunks = self.protocol.data_to_send()
+        if len(chunks) > 1 and all(chunks):  # an empty chunk is end-of-stream: keep it apart
+            self.transport.write(b"".join(chunks))
+        else:
+            for chunk in chunks:
+                self._send_chunk(chunk)
+
+    def _send_chunk(self, chunk: bytes) -> None:
+        if chunk:
+            self.transport.write(chunk)
+        elif self.transport.can_write_eof():  # half-close, as websockets does
+            with contextlib.suppress(Exception):  # uvloop may raise RuntimeError
+                self.transport.write_eof()
+        else:
+            self.transport.close()
 
 
 class PmhubServer:
@@ -146,6 +174,7 @@ class PmhubServer:
             "ping_interval": limits.ping_interval,
             "ping_timeout": limits.ping_timeout,
             "max_size": limits.max_frame_size * 4 + 1024,
+            "create_connection": _Connection,
         }
         return websockets_serve(self.handler, host, port, **{**settings, **options})
 
