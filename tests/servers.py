@@ -46,6 +46,7 @@ __all__ = [
     "open_ws",
     "recv_json",
     "running",
+    "websockets_server",
 ]
 
 T = TypeVar("T")
@@ -269,6 +270,19 @@ def running(app: Any, **options: Any) -> Iterator[LiveServer]:
         yield server
     finally:
         server.stop()
+
+
+def websockets_server(hub: Any, secret: str) -> Any:
+    """A ``websockets`` adapter for ``hub``, served beside its ASGI app (``LiveServer``).
+
+    Its own authenticator on the hub's store, as another process would have,
+    reading revocations on every handshake so a logout through the ASGI demo
+    holds here at once.
+    """
+    from pmhub import SessionAuthenticator
+    from pmhub.adapters.websockets import PmhubServer
+
+    return PmhubServer(hub, SessionAuthenticator(secret, hub.store, refresh_interval=0))
 
 
 # -- clients -------------------------------------------------------------------------

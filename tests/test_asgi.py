@@ -24,18 +24,25 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, ExitStack
 from importlib import resources
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import anyio
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry
-from servers import LiveServer, cookie_header, load_example, login, open_ws, recv_json
+from servers import (
+    LiveServer,
+    cookie_header,
+    load_example,
+    login,
+    open_ws,
+    recv_json,
+    websockets_server,
+)
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from pmhub import Hub, Limits, MemoryStore, PrometheusMetrics, RevocationStore, SessionAuthenticator
-from pmhub.adapters.websockets import PmhubServer
+from pmhub import Hub, Limits, MemoryStore, PrometheusMetrics, SessionAuthenticator
 from pmhub.store import Draft
 
 pytestmark = pytest.mark.anyio
@@ -171,21 +178,13 @@ def _demos(tmp_path: Path, adapter: str) -> Iterator[Callable[..., Demo]]:
                 ws_ping_timeout=hub.limits.ping_timeout,
                 ws_max_size=hub.limits.max_frame_size * 4 + 1024,
                 sndbuf=sndbuf,
-                websockets=websockets_server(hub) if adapter == "websockets" else None,
+                websockets=websockets_server(hub, SECRET) if adapter == "websockets" else None,
             )
             server.start()
             stack.callback(server.stop)
             return Demo(server, hub, adapter)
 
         yield start
-
-
-def websockets_server(hub: Hub) -> PmhubServer:
-    # Its own authenticator on the hub's store, as another process would have;
-    # reading revocations on every handshake, so a logout through the ASGI
-    # demo holds here at once.
-    auth = SessionAuthenticator(SECRET, cast(RevocationStore, hub.store), refresh_interval=0)
-    return PmhubServer(hub, auth)
 
 
 @pytest.fixture

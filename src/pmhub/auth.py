@@ -262,7 +262,7 @@ class SessionAuthenticator:
         self._cursor = 0
         self._fresh_until = -math.inf
         self._prune_at = -math.inf
-        self._reading = anyio.Lock()
+        self._reading: anyio.Lock | None = None  # made on first use, in the server's loop
 
     def issue(self, user_id: int) -> str:
         """A fresh signed cookie value for ``user_id``."""
@@ -294,6 +294,8 @@ class SessionAuthenticator:
 
     async def _is_revoked(self, session_id: str) -> bool:
         if session_id not in self._revoked and self._clock() >= self._fresh_until:
+            if self._reading is None:
+                self._reading = anyio.Lock()
             async with self._reading:  # one read serves every handshake waiting for it
                 if self._clock() >= self._fresh_until:
                     await self._read_revocations()
