@@ -25,13 +25,13 @@ import msgspec
 
 from . import Hub, Limits, PrometheusMetrics, SessionAuthenticator, SQLiteStore, StaticPolicy
 from .adapters.asgi import (
-    NOSNIFF,
     ASGIApp,
     PmhubApp,
     Receive,
     Scope,
     Send,
     read_json,
+    respond_bytes,
     respond_error,
     respond_json,
     route_path,
@@ -172,21 +172,14 @@ PAGE_HEADERS = [
     ),
     (b"x-frame-options", b"DENY"),  # frame-ancestors, for browsers without CSP 2
     (b"referrer-policy", b"no-referrer"),
-    NOSNIFF,
 ]
 
 
 async def _asset(send: Send, path: str, *, head: bool = False) -> None:
     name, content_type = ASSETS[path]
     body = (resources.files("pmhub.web") / name).read_bytes()
-    headers = [
-        (b"content-type", content_type),
-        (b"content-length", str(len(body)).encode()),
-        (b"cache-control", b"no-cache"),
-        *PAGE_HEADERS,
-    ]
-    await send({"type": "http.response.start", "status": 200, "headers": headers})
-    await send({"type": "http.response.body", "body": b"" if head else body})
+    headers = [(b"cache-control", b"no-cache"), *PAGE_HEADERS]
+    await respond_bytes(send, content_type, body, headers, head=head)
 
 
 def _user(user_id: int) -> bytes:

@@ -49,6 +49,7 @@ __all__ = [
     "Send",
     "read_json",
     "request_from",
+    "respond_bytes",
     "respond_error",
     "respond_json",
     "route_path",
@@ -285,15 +286,13 @@ class PmhubApp:
             await respond_error(send, exc)
             return
         content_type, body = _static(path)
-        headers = [
-            (b"content-type", content_type),
-            (b"content-length", str(len(body)).encode()),
-            (b"cache-control", b"no-cache"),
-            NOSNIFF,
-        ]
-        head_only = scope["method"] == "HEAD"
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": b"" if head_only else body})
+        await respond_bytes(
+            send,
+            content_type,
+            body,
+            [(b"cache-control", b"no-cache")],
+            head=scope["method"] == "HEAD",
+        )
 
     async def _healthz(self, send: Send) -> None:
         try:
@@ -310,14 +309,7 @@ class PmhubApp:
                 "not_found", "metrics are off: give the Hub PrometheusMetrics()", status=404
             )
         body, content_type = render()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [(b"content-type", content_type.encode()), NOSNIFF],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await respond_bytes(send, content_type.encode(), body)
 
 
 # -- helpers -----------------------------------------------------------------------------
@@ -412,6 +404,26 @@ async def respond_error(send: Send, exc: Rejected) -> None:
     if exc.status == 405:
         headers.append((b"allow", exc.message.rsplit(" ", 1)[-1].encode()))
     await respond_json(send, exc.status, error_body(exc.code, exc.message), headers)
+
+
+async def respond_bytes(
+    send: Send,
+    content_type: bytes,
+    body: bytes,
+    headers: Collection[tuple[bytes, bytes]] = (),
+    *,
+    head: bool = False,
+) -> None:
+    """Send a complete 200 answer of ``content_type`` (``nosniff``, a length, and
+    ``headers``); for a HEAD request (``head``) without the body."""
+    start = [
+        (b"content-type", content_type),
+        (b"content-length", str(len(body)).encode()),
+        NOSNIFF,
+        *headers,
+    ]
+    await send({"type": "http.response.start", "status": 200, "headers": start})
+    await send({"type": "http.response.body", "body": b"" if head else body})
 
 
 async def respond_json(
