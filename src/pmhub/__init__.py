@@ -1,9 +1,10 @@
 """pmhub: real-time 1:1 private messaging over WebSockets.
 
 The core (:class:`Hub`, :class:`Connection`, the frames of :mod:`pmhub.frames`)
-does no network I/O; adapters (:mod:`pmhub.adapters.asgi`) wire it into a
-server. Storage, brokers, authentication and permissions are small protocols
-with ready implementations.
+does no network I/O; adapters (:mod:`pmhub.adapters.asgi`,
+:mod:`pmhub.adapters.websockets`) wire it into a server, and :mod:`pmhub.client`
+talks to it. Storage, brokers, authentication and permissions are small
+protocols with ready implementations.
 """
 
 from .auth import (
