@@ -502,8 +502,10 @@ async def test_connections_reset_while_both_sides_send(start_demo: Callable[...,
         assert demo.stored(message.content) == 1, message
 
 
-async def test_server_restart_while_both_sides_send(tmp_path: Path) -> None:
-    demo = DemoProcess(tmp_path / "chat.db", free_port(), tmp_path / "demo.log", secret=SECRET)
+@pytest.mark.parametrize("script", ["asgi_chat.py", "websockets_chat.py"])
+async def test_server_restart_while_both_sides_send(tmp_path: Path, script: str) -> None:
+    db, log = tmp_path / "chat.db", tmp_path / "demo.log"
+    demo = DemoProcess(db, free_port(), log, secret=SECRET, script=script)
     url = f"ws://127.0.0.1:{demo.port}/ws"
     count = 25
     await demo.start()
