@@ -174,3 +174,21 @@ async def test_ids_are_unique_and_identity_is_kept() -> None:
     first, second = Connection(identity, Limits()), Connection(identity, Limits())
     assert first.id != second.id
     assert first.user_id == 7 and first.identity is identity
+
+
+async def test_a_writer_takes_what_is_queued_at_once_in_order_and_frees_its_room() -> None:
+    client = Connection(Identity(1), Limits(max_queue=4))
+    frames = [notice(n) for n in range(4)]
+    for frame in frames:
+        assert client.push(frame)
+    assert not client.push(notice(9))  # full: this one closes the connection with 1013
+    client = Connection(Identity(1), Limits(max_queue=4))
+    for frame in frames:
+        assert client.push(frame)
+    first = await client.next_frames(3)
+    assert first == frames[:3]
+    assert await client.next_frames() == frames[3:]  # the rest, not more than there is
+    for n in range(4):  # the queue's frames and bytes were given back
+        assert client.push(notice(10 + n))
+    client.close(1000, "done")
+    assert await client.next_frames() == []

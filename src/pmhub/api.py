@@ -12,7 +12,7 @@ from typing import Literal
 import msgspec
 
 from .errors import ErrorCode
-from .frames import ClientId, Conversation, Id, Message
+from .frames import ClientId, Id, Message
 
 __all__ = [
     "ErrorBody",
@@ -77,7 +77,3 @@ class ErrorBody(msgspec.Struct, frozen=True):
     """Every 4xx and 5xx answer: ``{"error": {"code", "message"}}``."""
 
     error: ErrorDetail
-
-
-#: Every conversation of the caller (``GET /api/conversations``), most recent first.
-Conversations = list[Conversation]
