@@ -15,6 +15,7 @@ unset, so a restart logs everyone out).
 from __future__ import annotations
 
 import argparse
+import functools
 import hmac
 import os
 import secrets
@@ -175,9 +176,14 @@ PAGE_HEADERS = [
 ]
 
 
+@functools.cache
+def _package_file(name: str) -> bytes:
+    return (resources.files("pmhub.web") / name).read_bytes()
+
+
 async def _asset(send: Send, path: str, *, head: bool = False) -> None:
     name, content_type = ASSETS[path]
-    body = (resources.files("pmhub.web") / name).read_bytes()
+    body = _package_file(name)
     headers = [(b"cache-control", b"no-cache"), *PAGE_HEADERS]
     await respond_bytes(send, content_type, body, headers, head=head)
 

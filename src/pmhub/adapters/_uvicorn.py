@@ -58,7 +58,8 @@ class _GuardedH11(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._head = bytearray()
+        self._head = bytearray()  # the request head received so far
+        self._lines = self._line_start = 0  # its complete lines; where the last one starts
         self._in_head = True
         self._deadline: asyncio.TimerHandle | None = None
         self._arm()
@@ -81,23 +82,33 @@ class _GuardedH11(H11Protocol):
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if not self.transport.is_closing():  # kept alive: the next request is timed too
-            self._head.clear()
-            self._in_head = True
+            self._new_head(in_head=True)
             self._arm()
 
     def send_400_response(self, msg: str) -> None:
         self._refuse(400, "invalid_frame", f"not a valid HTTP/1.1 request: {msg}")
 
     def _head_ok(self, data: bytes) -> bool:
-        self._head += data
-        end = _END_OF_HEAD.search(self._head)
-        head = self._head if end is None else self._head[: end.start()]
-        lines = head.split(b"\n")
+        # Only the new bytes are scanned: a head sent a byte at a time must not
+        # cost the server a pass over everything received so far per byte.
+        head = self._head
+        scanned = len(head)
+        head += data
+        end = _END_OF_HEAD.search(head, max(0, scanned - 3))
+        size = len(head) if end is None else end.start()
+        while (newline := head.find(b"\n", scanned, size)) != -1:
+            if newline - self._line_start + 1 > MAX_HEADER_LINE:
+                break
+            self._lines += 1
+            self._line_start = scanned = newline + 1
+        # The last newline counted may turn out to start the blank line that ends the head.
+        if self._line_start > size:
+            self._lines -= 1
         limits = self.limits
         if (
-            len(head) > limits.max_header_size
-            or len(lines) - 1 > limits.max_headers
-            or max(map(len, lines)) + 1 > MAX_HEADER_LINE
+            size > limits.max_header_size
+            or self._lines > limits.max_headers + (end is None)
+            or size - self._line_start + 1 > MAX_HEADER_LINE
         ):
             self._refuse(
                 431,
@@ -107,9 +118,13 @@ class _GuardedH11(H11Protocol):
             )
             return False
         if end is not None:
-            self._in_head = False
-            self._head.clear()
+            self._new_head(in_head=False)
         return True
+
+    def _new_head(self, *, in_head: bool) -> None:
+        self._head.clear()
+        self._lines = self._line_start = 0
+        self._in_head = in_head
 
     def _arm(self) -> None:
         self._disarm()
