@@ -184,14 +184,21 @@ class ContactsPolicy:
 
 
 def pmhub_app(
-    store_kind: str, users: int, policy_kind: str, preload: int, db: str
+    store_kind: str,
+    users: int,
+    policy_kind: str,
+    preload: int,
+    db: str,
+    synchronous: str = "full",
 ) -> tuple[Any, Any]:
     """``PmhubApp`` as a user builds it, with rate limits raised by configuration."""
     from pmhub import AllowAll, Draft, Hub, Limits, MemoryStore, SessionAuthenticator, SQLiteStore
     from pmhub.adapters.asgi import PmhubApp
 
     make_store: Callable[[], Any] = (
-        MemoryStore if store_kind == "memory" else (lambda: SQLiteStore(db))
+        MemoryStore
+        if store_kind == "memory"
+        else (lambda: SQLiteStore(db, synchronous=synchronous))  # type: ignore[arg-type]
     )
     store = make_store()
     if preload:
@@ -269,6 +276,9 @@ def main() -> None:
     parser.add_argument("--uvloop", action="store_true", help="uvloop + httptools")
     parser.add_argument("--db", default="bench.db", help="SQLite file (pmhub-sqlite)")
     parser.add_argument(
+        "--synchronous", choices=("full", "normal"), default="full", help="SQLiteStore's"
+    )
+    parser.add_argument(
         "--adapter", choices=("asgi", "websockets"), default="asgi", help="pmhub's adapter"
     )
     args = parser.parse_args()
@@ -292,7 +302,9 @@ def main() -> None:
         run_uvicorn(socketio_app(), sock, args.uvloop)
     else:
         store = args.kind.removeprefix("pmhub-")
-        app, hub = pmhub_app(store, args.users, args.policy, args.preload, args.db)
+        app, hub = pmhub_app(
+            store, args.users, args.policy, args.preload, args.db, args.synchronous
+        )
         if args.adapter == "asgi":
             run_uvicorn(app, sock, args.uvloop, hub)
         elif args.uvloop:

@@ -57,7 +57,9 @@ class Roster:
         """Hold ``user_id``'s presence still: one connect or disconnect at a time."""
         entry = self._locks.get(user_id)
         if entry is None:
-            entry = self._locks[user_id] = (anyio.Lock(), [0])
+            # fast_acquire: an uncontended connect takes the lock without a trip
+            # through the event loop (a checkpoint per connect, profiled at 7%).
+            entry = self._locks[user_id] = (anyio.Lock(fast_acquire=True), [0])
         lock, users = entry
         users[0] += 1
         try:

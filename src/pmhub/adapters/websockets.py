@@ -38,6 +38,7 @@ try:
     from websockets.exceptions import ConnectionClosed
     from websockets.http11 import Request as HTTPRequest
     from websockets.http11 import Response
+    from websockets.protocol import OPEN
 except ImportError:  # pragma: no cover - depends on the environment
     raise ImportError(
         "pmhub.adapters.websockets needs websockets: pip install 'pmhub[websockets]'"
@@ -71,18 +72,46 @@ class _Transport:
 
     async def send(self, frames: Sequence[Outgoing]) -> None:
         ws = self._ws
-        try:
-            if len(frames) == 1:
-                await ws.send(frames[0].data, text=True)  # the encoded bytes, as a text frame
-                return
-            async with ws.send_context():  # as send() does, for several messages
+        protocol = ws.protocol
+        if (
+            protocol.state is OPEN
+            and not ws.paused
+            and not protocol.extensions
+            and not ws.transport.is_closing()
+        ):
+            # The common case, written here: the frames, framed in one buffer,
+            # in one write (the library's send() costs more than the write).
+            # The protocol has nothing of its own queued (it writes what it
+            # makes at once), so nothing can be overtaken.
+            chunks = protocol.data_to_send()
+            for frame in frames:
+                data = frame.data
+                chunks.append(_text_header(len(data)))
+                chunks.append(data)
+            ws.transport.write(b"".join(chunks))
+            return
+        try:  # closing, or the socket's buffer is full: the library waits, or raises
+            async with ws.send_context():
                 for frame in frames:
-                    ws.protocol.send_text(frame.data)
+                    protocol.send_text(frame.data)
         except ConnectionClosed as exc:
             raise OSError("the WebSocket is closed") from exc
 
     async def close(self, code: int, reason: str) -> None:
         await self._ws.close(code, reason)
+
+
+_SHORT_HEADERS = [bytes((0x81, length)) for length in range(126)]
+
+
+def _text_header(length: int) -> bytes:
+    """The header of a final, unmasked text frame of ``length`` bytes (a
+    server's frame, RFC 6455 section 5.2)."""
+    if length < 126:
+        return _SHORT_HEADERS[length]
+    if length < 65536:
+        return b"\x81\x7e" + length.to_bytes(2, "big")
+    return b"\x81\x7f" + length.to_bytes(8, "big")
 
 
 class _Connection(ServerConnection):
