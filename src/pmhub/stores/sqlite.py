@@ -1,9 +1,11 @@
 """SQLite, the embedded default store (stdlib ``sqlite3``).
 
-Every call runs in a worker thread, so the event loop never blocks on disk:
-one long-lived connection writes (``BEGIN IMMEDIATE``; the hub hands it whole
-batches, so one transaction and one thread hop serve many messages) and one
-reads (WAL lets reads run beside writes). Ids come from ``AUTOINCREMENT``
+Every call runs in one of two long-lived threads, so the event loop never
+blocks on disk: one owns the connection that writes (``BEGIN IMMEDIATE``; the
+hub hands it whole batches, so one transaction and one thread hop serve many
+messages) and one the connection that reads (WAL lets reads run beside
+writes). Each thread takes its calls in order from a queue and wakes the
+event loop with the outcome: no thread pool, no per-call setup. Ids come from ``AUTOINCREMENT``
 under that single writer, so they grow strictly in commit order, also across
 processes sharing the file. Logged-out sessions are kept in the same file
 (:class:`~pmhub.auth.RevocationStore`), so a logout lasts across restarts and
@@ -12,15 +14,18 @@ holds for every process on it.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import queue
 import sqlite3
+import threading
 import time
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timezone
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import anyio
-import anyio.to_thread
 
 from ..frames import Conversation, Message
 from ..store import Draft, ReadReceipt
@@ -65,6 +70,23 @@ BY_CLIENT_ID = f"SELECT {COLUMNS} FROM messages WHERE sender_id = ? AND client_i
 BUSY_TIMEOUT = 30.0
 
 
+def _messages(rows: Iterable[Row]) -> list[Message]:
+    """Messages of ``rows``; those stored in one batch share one ``created_at``,
+    so a page converts each distinct timestamp once."""
+    messages = []
+    last_millis, created_at = None, None
+    for id_, content, sender_id, receiver_id, millis, is_read, client_id in rows:
+        if millis != last_millis:
+            last_millis = millis
+            created_at = datetime.fromtimestamp(millis / 1000, tz=timezone.utc)
+        assert created_at is not None
+        message = Message(
+            id_, content, sender_id, receiver_id, created_at, bool(is_read), client_id
+        )
+        messages.append(message)
+    return messages
+
+
 def _message(row: Row) -> Message:
     id_, content, sender_id, receiver_id, millis, is_read, client_id = row
     created_at = datetime.fromtimestamp(millis / 1000, tz=timezone.utc)
@@ -99,8 +121,8 @@ class SQLiteStore:
         self.synchronous = synchronous
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
-        self._write_limiter = anyio.CapacityLimiter(1)
-        self._read_limiter = anyio.CapacityLimiter(1)
+        self._write_thread = _Thread("pmhub-sqlite-writer")
+        self._read_thread = _Thread("pmhub-sqlite-reader")
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(
@@ -130,13 +152,11 @@ class SQLiteStore:
             conn.execute("COMMIT")
             return result
 
-        return await anyio.to_thread.run_sync(run, limiter=self._write_limiter)
+        return await self._write_thread.run(run)
 
     async def _read(self, work: Callable[[sqlite3.Connection], T]) -> T:
         if self.path == ":memory:":  # one database per connection: share the writer's
-            return await anyio.to_thread.run_sync(
-                lambda: work(self._open_writer()), limiter=self._write_limiter
-            )
+            return await self._write_thread.run(lambda: work(self._open_writer()))
         if self._reader is None:
             await self._write(lambda conn: None)  # the writer creates the schema first
 
@@ -145,7 +165,7 @@ class SQLiteStore:
                 self._reader = self._connect()
             return work(self._reader)
 
-        return await anyio.to_thread.run_sync(run, limiter=self._read_limiter)
+        return await self._read_thread.run(run)
 
     async def save_many(self, drafts: Sequence[Draft]) -> list[tuple[Message, bool]]:
         def work(conn: sqlite3.Connection) -> list[tuple[Message, bool]]:
@@ -198,7 +218,7 @@ class SQLiteStore:
                 f") ORDER BY id LIMIT ?",
                 (user_id, after_id, user_id, after_id, limit),
             ).fetchall()
-            return [_message(row) for row in rows]
+            return _messages(rows)
 
         return await self._read(work)
 
@@ -220,7 +240,7 @@ class SQLiteStore:
                     limit,
                 ),
             ).fetchall()
-            return [_message(row) for row in reversed(rows)]
+            return _messages(reversed(rows))
 
         return await self._read(work)
 
@@ -289,14 +309,90 @@ class SQLiteStore:
         await self._read(lambda conn: conn.execute("SELECT 1").fetchone())
 
     async def aclose(self) -> None:
-        def close() -> None:
-            for conn in (self._reader, self._writer):
-                if conn is not None:
-                    conn.close()
-            self._reader = self._writer = None
+        def close_reader() -> None:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
 
-        async with self._write_limiter, self._read_limiter:
-            await anyio.to_thread.run_sync(close)
+        def close_writer() -> None:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+
+        # Each after the calls queued before it; the threads end (a later call
+        # starts them again).
+        await self._read_thread.run(close_reader, last=True)
+        await self._write_thread.run(close_writer, last=True)
+
+
+Outcome = tuple[bool, Any]  # (True, result) or (False, exception)
+Call = tuple[Callable[[], Any], Callable[[Outcome], None]]
+
+
+class _Thread:
+    """A thread that runs calls one at a time, in the order they were made."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._calls: queue.SimpleQueue[Call | None] | None = None  # the running thread's
+
+    def _calls_queue(self) -> queue.SimpleQueue[Call | None]:
+        calls = self._calls
+        if calls is None:
+            calls = self._calls = queue.SimpleQueue()
+            threading.Thread(target=_serve, args=(calls,), name=self._name, daemon=True).start()
+            # A store dropped without aclose() must not leave its thread waiting.
+            weakref.finalize(self, calls.put, None)
+        return calls
+
+    async def run(self, work: Callable[[], T], *, last: bool = False) -> T:
+        """Run ``work`` in the thread and return its result (or raise its
+        exception). Cancelling waits for ``work`` to finish, as
+        ``anyio.to_thread.run_sync`` does. ``last`` ends the thread after it
+        (the next call starts a new one)."""
+        if self._calls is None and last:  # nothing ran: nothing to close
+            return work()
+        calls = self._calls_queue()
+        call_soon = _call_soon_threadsafe()
+        done = anyio.Event()
+        outcome: list[Outcome] = []
+
+        def report(result: Outcome) -> None:
+            outcome.append(result)
+            call_soon(done.set)
+
+        calls.put((work, report))
+        if last:
+            calls.put(None)
+            self._calls = None
+        with anyio.CancelScope(shield=True):
+            await done.wait()
+        ok, value = outcome[0]
+        if ok:
+            return value  # type: ignore[no-any-return]
+        raise value
+
+
+def _serve(calls: queue.SimpleQueue[Call | None]) -> None:
+    while (call := calls.get()) is not None:
+        work, report = call
+        try:
+            result: Outcome = (True, work())
+        except BaseException as exc:
+            result = (False, exc)
+        del call, work  # the store stays collectable while the thread waits
+        report(result)
+        del report, result
+
+
+def _call_soon_threadsafe() -> Callable[[Callable[[], object]], object]:
+    """How a thread schedules a callback in the running event loop."""
+    try:
+        return asyncio.get_running_loop().call_soon_threadsafe
+    except RuntimeError:  # anyio's other backend
+        import trio
+
+        return trio.lowlevel.current_trio_token().run_sync_soon
 
 
 def _enable_wal(conn: sqlite3.Connection) -> None:
