@@ -8,6 +8,14 @@ closes the connection with 1013 so the device reconnects and resumes with
 Replies a client asks for in bulk (``sync`` pages, resends) wait for room
 instead (:meth:`Connection.wait_for_room`): that holds back the asking
 connection's own reads and leaves the other half of the queue to live frames.
+
+A transport takes frames in one of two ways: a task awaits
+:meth:`Connection.next_frames` (ASGI, whose ``send`` must be awaited), or the
+transport registers :meth:`Connection.on_ready` and takes them with
+:meth:`Connection.take_frames` when told (a socket it can write without
+waiting). The second keeps no task asleep per connection: every object such a
+wait allocates outlives several garbage collections, and with a thousand
+connections those collections were the latency tail.
 """
 
 from __future__ import annotations
@@ -96,6 +104,7 @@ class Connection:
         "_event",
         "_max_bytes",
         "_max_queue",
+        "_on_ready",
         "_queue",
         "_queued_bytes",
         "_recent",
@@ -124,7 +133,8 @@ class Connection:
         self._queue: deque[Outgoing] | None = None
         self._queued_bytes = 0
         self._event = _event_factory()
-        self._wakeup = self._event()
+        self._wakeup: _Event | None = None  # made while next_frames() waits
+        self._on_ready: Callable[[], None] | None = None
         self._room: _Event | None = None  # set when a bulk reply may go on
         self._recent: _RecentIds | None = None  # made on the first live message
 
@@ -157,7 +167,7 @@ class Connection:
             return False
         queue.append(frame)
         self._queued_bytes += size
-        self._wakeup.set()
+        self._wake()
         return True
 
     def prepend(self, frames: Iterable[Outgoing]) -> bool:
@@ -176,8 +186,24 @@ class Connection:
         if len(queue) > self._max_queue or self._queued_bytes > self._max_bytes:
             self.close(CLOSE_TRY_AGAIN_LATER, "too much to send at connect: reconnect later")
             return False
-        self._wakeup.set()
+        self._wake()
         return True
+
+    def on_ready(self, callback: Callable[[], None] | None) -> None:
+        """Call ``callback`` (at once, from the pushing code) whenever frames are
+        queued or the connection starts closing, instead of waking
+        :meth:`next_frames`; now too if either is already the case. It must not
+        block: a socket transport schedules its write and returns. ``None``
+        detaches it."""
+        self._on_ready = callback
+        if callback is not None and (self._queue or self.close_code is not None):
+            callback()
+
+    def _wake(self) -> None:
+        if self._on_ready is not None:
+            self._on_ready()
+        elif self._wakeup is not None:
+            self._wakeup.set()
 
     def _has_room(self) -> bool:
         if not self._queue:  # one frame always fits an empty queue
@@ -198,7 +224,7 @@ class Connection:
             self.close_reason = reason
             self._queue = None
             self._queued_bytes = 0
-            self._wakeup.set()
+            self._wake()
             if self._room is not None:
                 self._room.set()
 
@@ -216,13 +242,22 @@ class Connection:
                 return []
             self._wakeup = self._event()  # unset: a push while we wait sets it
             await self._wakeup.wait()
-        if self.close_code is not None:
-            return []
+            self._wakeup = None
+        return self.take_frames(limit)
+
+    def take_frames(self, limit: int = 64) -> list[Outgoing]:
+        """Take up to ``limit`` queued frames, in order, without waiting: ``[]``
+        if none are queued or the connection must close."""
         queue = self._queue
-        frames = [queue.popleft() for _ in range(min(limit, len(queue)))]
-        if not queue:
+        if not queue or self.close_code is not None:
+            return []
+        if len(queue) <= limit:
+            frames = list(queue)
             self._queue = None
-        self._queued_bytes -= sum(len(frame.data) for frame in frames)
+            self._queued_bytes = 0
+        else:
+            frames = [queue.popleft() for _ in range(limit)]
+            self._queued_bytes -= sum(len(frame.data) for frame in frames)
         if self._room is not None and self._has_room():
             self._room.set()
             self._room = None

@@ -6,8 +6,16 @@ which checks the ``Origin``, authenticates and answers with the identity or
 raises :class:`~pmhub.errors.Rejected` carrying the HTTP status to refuse
 with. Once it has accepted the WebSocket, the adapter wraps it in a
 :class:`Transport` and calls :func:`run`, which registers the connection
-with the hub, reads frames into it and writes what it queues, until either
-side closes. The close code is the hub's (1000, 1001, 1008, 1009, 1011, 1013).
+with the hub, reads frames into it and has what it queues written, until
+either side closes. The close code is the hub's (1000, 1001, 1008, 1009,
+1011, 1013).
+
+Writing takes one of two shapes. A transport that can write to its socket
+without waiting takes the connection's frames itself when the hub queues
+them (:meth:`Transport.attach`, :meth:`~pmhub.connection.Connection.on_ready`):
+no task per connection, a fan-out writes each socket in the same turn of the
+event loop. Otherwise (ASGI, whose ``send`` must be awaited) a writer task
+awaits the frames and sends them.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from typing import Protocol
 import anyio
 
 from .auth import Authenticator, Identity, Request, origin_allowed
+from .connection import Connection
 from .errors import BackendError, Rejected
 from .frames import Outgoing
 from .hub import Hub
@@ -35,6 +44,12 @@ class Transport(Protocol):
     ``receive`` returns ``None`` once the peer has gone; ``send`` and
     ``close`` raise :class:`OSError` when it has.
     """
+
+    def attach(self, connection: Connection) -> bool:
+        """Write what ``connection`` queues from now on, without a task (through
+        ``connection.on_ready``), and start the closing handshake once it is
+        closing; or return False, and :func:`run` sends with :meth:`send`."""
+        ...
 
     async def receive(self) -> str | bytes | None:
         """The next message: ``str`` for a text frame, ``bytes`` for a binary one."""
@@ -77,32 +92,50 @@ async def admit(
 async def run(hub: Hub, identity: Identity, transport: Transport) -> None:
     """Serve one accepted WebSocket of ``identity`` until it closes.
 
-    A writer task sends what the hub queues for the connection and then the
-    close frame; this task reads frames into the hub. A failure here closes
-    only this connection, with 1011.
+    This task reads frames into the hub; the transport writes what the hub
+    queues, or a writer task sends it and then the close frame. A failure
+    here closes only this connection, with 1011.
     """
-    async with hub.connect(identity) as connection, anyio.create_task_group() as tg:
-
-        async def write() -> None:
+    async with hub.connect(identity) as connection:
+        if transport.attach(connection):
             try:
-                while frames := await connection.next_frames():
-                    await transport.send(frames)
-                code = connection.close_code  # set once next_frames() has ended
-                await transport.close(
-                    CLOSE_NORMAL if code is None else code, connection.close_reason
-                )
-            except OSError:  # the peer went away; the reader sees it too
+                await _read(hub, connection, transport)
+                if connection.closing:  # the hub's close: its close frame, then the end
+                    await transport.close(
+                        connection.close_code or CLOSE_NORMAL, connection.close_reason
+                    )
+            except OSError:  # the peer went away
                 pass
-            tg.cancel_scope.cancel()
+            finally:
+                connection.on_ready(None)
+            return
+        async with anyio.create_task_group() as tg:
 
-        tg.start_soon(write)
-        try:
-            while (data := await transport.receive()) is not None:
-                await hub.receive(connection, data, binary=isinstance(data, bytes))
-        except OSError:  # the server lost the socket
-            pass
-        except Exception:
-            logger.exception("WebSocket of %r failed", connection)
-            connection.close(CLOSE_INTERNAL_ERROR, "internal error")
-            return  # the writer sends the close frame, then ends the group
-        tg.cancel_scope.cancel()
+            async def write() -> None:
+                try:
+                    while frames := await connection.next_frames():
+                        await transport.send(frames)
+                    code = connection.close_code  # set once next_frames() has ended
+                    await transport.close(
+                        CLOSE_NORMAL if code is None else code, connection.close_reason
+                    )
+                except OSError:  # the peer went away; the reader sees it too
+                    pass
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(write)
+            await _read(hub, connection, transport)
+            if not connection.closing:  # else the writer sends the close frame, then ends
+                tg.cancel_scope.cancel()
+
+
+async def _read(hub: Hub, connection: Connection, transport: Transport) -> None:
+    """Feed what the peer sends to the hub until it goes (or the socket fails)."""
+    try:
+        while (data := await transport.receive()) is not None:
+            await hub.receive(connection, data, binary=isinstance(data, bytes))
+    except OSError:  # the server lost the socket
+        pass
+    except Exception:
+        logger.exception("WebSocket of %r failed", connection)
+        connection.close(CLOSE_INTERNAL_ERROR, "internal error")

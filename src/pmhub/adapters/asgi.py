@@ -36,6 +36,7 @@ import msgspec
 from .. import runner
 from ..api import HistoryPage, PostMessage, PostRead, ReadResult, Unhealthy
 from ..auth import Authenticator, Identity, Request, origin_allowed
+from ..connection import Connection
 from ..errors import BackendError, ErrorCode, Rejected, error_body
 from ..frames import MAX_SAFE_INT, Outgoing, decode_body, encode
 from ..hub import Hub
@@ -77,6 +78,9 @@ class _Transport:
 
     def __init__(self, receive: Receive, send: Send) -> None:
         self._receive, self._send = receive, send
+
+    def attach(self, connection: Connection) -> bool:
+        return False  # ASGI's send() must be awaited: run() sends from a task
 
     async def receive(self) -> str | bytes | None:
         message = await self._receive()

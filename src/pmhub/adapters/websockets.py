@@ -19,13 +19,14 @@ or, in a server of your own::
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http
 import logging
 import signal
 import threading
 import weakref
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -47,22 +48,73 @@ except ImportError:  # pragma: no cover - depends on the environment
 from .. import runner
 from ..api import Unhealthy
 from ..auth import Authenticator, Identity, Request
+from ..connection import Connection
 from ..errors import BackendError, Rejected, error_body
 from ..frames import Outgoing, encode
 from ..hub import Hub
+from ..protocol import CLOSE_INTERNAL_ERROR, CLOSE_NORMAL
 
 __all__ = ["PmhubServer"]
 
 logger = logging.getLogger("pmhub")
 
 
-class _Transport:
-    """A ``websockets`` connection as a :class:`~pmhub.runner.Transport`."""
+#: Frames taken from a connection's queue per write (a sync page is 500).
+FLUSH_FRAMES = 256
 
-    __slots__ = ("_ws",)
+
+class _Transport:
+    """A ``websockets`` connection as a :class:`~pmhub.runner.Transport`.
+
+    On pmhub's own connection class (``PmhubServer.listen``) it writes what
+    the hub queues from the event loop, in the turn after the push: a
+    fan-out to many connections wakes no task, and several frames queued in
+    one turn go out in one write. A socket whose peer stops reading is left
+    alone until its buffer drains (the hub's queue budget then closes it
+    with 1013). In a server of your own without that class, a task sends.
+    """
+
+    __slots__ = ("_closer", "_connection", "_scheduled", "_ws")
 
     def __init__(self, ws: ServerConnection) -> None:
         self._ws = ws
+        self._connection: Connection | None = None
+        self._scheduled = False
+        self._closer: asyncio.Task[None] | None = None
+
+    def attach(self, connection: Connection) -> bool:
+        ws = self._ws
+        if not isinstance(ws, _Connection):
+            return False
+        self._connection = connection
+        ws.on_writable = self._wake
+        connection.on_ready(self._wake)
+        return True
+
+    def _wake(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            self._ws.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        connection = self._connection
+        if connection is None:
+            return
+        try:
+            if connection.closing:
+                self._start_close(connection.close_code or CLOSE_NORMAL, connection.close_reason)
+                return
+            if self._ws.paused:  # resume_writing() wakes this again
+                return
+            frames = connection.take_frames(FLUSH_FRAMES)
+            # Not written only if the socket is closing: the reader sees the end.
+            _write_now(self._ws, frames)
+            if len(frames) == FLUSH_FRAMES:  # perhaps more
+                self._wake()
+        except Exception:  # a bug must not reach the event loop, nor stop other sockets
+            logger.exception("writing to %r failed", connection)
+            connection.close(CLOSE_INTERNAL_ERROR, "internal error")
 
     async def receive(self) -> str | bytes | None:
         try:
@@ -71,34 +123,51 @@ class _Transport:
             return None
 
     async def send(self, frames: Sequence[Outgoing]) -> None:
-        ws = self._ws
-        protocol = ws.protocol
-        if (
-            protocol.state is OPEN
-            and not ws.paused
-            and not protocol.extensions
-            and not ws.transport.is_closing()
-        ):
-            # The common case, written here: the frames, framed in one buffer,
-            # in one write (the library's send() costs more than the write).
-            # The protocol has nothing of its own queued (it writes what it
-            # makes at once), so nothing can be overtaken.
-            chunks = protocol.data_to_send()
-            for frame in frames:
-                data = frame.data
-                chunks.append(_text_header(len(data)))
-                chunks.append(data)
-            ws.transport.write(b"".join(chunks))
+        if _write_now(self._ws, frames):
             return
         try:  # closing, or the socket's buffer is full: the library waits, or raises
-            async with ws.send_context():
+            async with self._ws.send_context():
                 for frame in frames:
-                    protocol.send_text(frame.data)
+                    self._ws.protocol.send_text(frame.data)
         except ConnectionClosed as exc:
             raise OSError("the WebSocket is closed") from exc
 
     async def close(self, code: int, reason: str) -> None:
-        await self._ws.close(code, reason)
+        await asyncio.shield(self._start_close(code, reason))
+
+    def _start_close(self, code: int, reason: str) -> asyncio.Task[None]:
+        """The closing handshake, started once (``close()`` waits for it)."""
+        if self._closer is None:
+            self._closer = self._ws.loop.create_task(_close(self._ws, code, reason))
+        return self._closer
+
+
+async def _close(ws: ServerConnection, code: int, reason: str) -> None:
+    with contextlib.suppress(Exception):  # the peer is gone: closed all the same
+        await ws.close(code, reason)
+
+
+def _write_now(ws: ServerConnection, frames: Sequence[Outgoing]) -> bool:
+    """Write ``frames`` in one system call if the socket is open and its buffer
+    is not full; False (nothing written) if not."""
+    protocol = ws.protocol
+    if protocol.state is not OPEN or ws.paused or ws.transport.is_closing():
+        return False
+    if protocol.extensions:  # compression in a server of your own: the library frames
+        for frame in frames:
+            protocol.send_text(frame.data)
+        ws.send_data()
+        return True
+    # Framed here (the library's framing costs more than the write). The
+    # protocol has nothing of its own queued (it writes what it makes at
+    # once), so nothing is overtaken.
+    chunks = protocol.data_to_send()
+    for frame in frames:
+        data = frame.data
+        chunks.append(_text_header(len(data)))
+        chunks.append(data)
+    ws.transport.write(b"".join(chunks))
+    return True
 
 
 _SHORT_HEADERS = [bytes((0x81, length)) for length in range(126)]
@@ -115,7 +184,19 @@ def _text_header(length: int) -> bytes:
 
 
 class _Connection(ServerConnection):
-    """Writes what the protocol has to send in one system call, not one per frame."""
+    """Writes what the protocol has to send in one system call, not one per
+    frame, and tells pmhub when a full socket buffer has drained."""
+
+    on_writable: Callable[[], None] | None = None
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.on_writable is not None:
+            self.on_writable()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.on_writable = None
 
     def send_data(self) -> None:
         chunks = self.protocol.data_to_send()
