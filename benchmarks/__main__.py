@@ -40,6 +40,11 @@ SERVERS: dict[str, tuple[str, list[str]]] = {
     # pmhub on its websockets adapter (no uvicorn), beside the ASGI runs.
     "pmhub-memory-ws": ("pmhub-memory", ["--adapter", "websockets"]),
     "pmhub-sqlite-ws": ("pmhub-sqlite", ["--adapter", "websockets"]),
+    # SQLiteStore(synchronous="normal"): no flush per commit (see docs/performance.md).
+    "pmhub-sqlite-normal-ws": (
+        "pmhub-sqlite",
+        ["--adapter", "websockets", "--synchronous", "normal"],
+    ),
 }
 WS_SERVERS = ["pmhub-memory-ws", "pmhub-sqlite-ws"]
 
@@ -69,7 +74,7 @@ SCENARIOS = [
         "open",
         "(b) open loop: {users:,g} users, {rate:,g} msg/s offered in total,"
         " {duration:g} s measured",
-        [*BASE_SERVERS, *WS_SERVERS],
+        [*BASE_SERVERS, *WS_SERVERS, "pmhub-sqlite-normal-ws"],
         {"users": 1000, "rate": 2000, "warmup": 2, "duration": 10},
         {"users": 50, "rate": 200, "warmup": 0.3, "duration": 1},
     ),
