@@ -5,8 +5,8 @@ blocks on disk: one owns the connection that writes (``BEGIN IMMEDIATE``; the
 hub hands it whole batches, so one transaction and one thread hop serve many
 messages) and one the connection that reads (WAL lets reads run beside
 writes). Each thread takes its calls in order from a queue and wakes the
-event loop with the outcome: no thread pool, no per-call setup. Ids come from ``AUTOINCREMENT``
-under that single writer, so they grow strictly in commit order, also across
+event loop with the outcome: no thread pool, no per-call setup. Ids come
+from ``AUTOINCREMENT`` under that single writer, so they grow strictly in commit order, also across
 processes sharing the file. Logged-out sessions are kept in the same file
 (:class:`~pmhub.auth.RevocationStore`), so a logout lasts across restarts and
 holds for every process on it.
@@ -88,9 +88,7 @@ def _messages(rows: Iterable[Row]) -> list[Message]:
 
 
 def _message(row: Row) -> Message:
-    id_, content, sender_id, receiver_id, millis, is_read, client_id = row
-    created_at = datetime.fromtimestamp(millis / 1000, tz=timezone.utc)
-    return Message(id_, content, sender_id, receiver_id, created_at, bool(is_read), client_id)
+    return _messages((row,))[0]
 
 
 class SQLiteStore:
@@ -336,23 +334,19 @@ class _Thread:
         self._name = name
         self._calls: queue.SimpleQueue[Call | None] | None = None  # the running thread's
 
-    def _calls_queue(self) -> queue.SimpleQueue[Call | None]:
-        calls = self._calls
-        if calls is None:
-            calls = self._calls = queue.SimpleQueue()
-            threading.Thread(target=_serve, args=(calls,), name=self._name, daemon=True).start()
-            # A store dropped without aclose() must not leave its thread waiting.
-            weakref.finalize(self, calls.put, None)
-        return calls
-
     async def run(self, work: Callable[[], T], *, last: bool = False) -> T:
         """Run ``work`` in the thread and return its result (or raise its
         exception). Cancelling waits for ``work`` to finish, as
         ``anyio.to_thread.run_sync`` does. ``last`` ends the thread after it
         (the next call starts a new one)."""
-        if self._calls is None and last:  # nothing ran: nothing to close
-            return work()
-        calls = self._calls_queue()
+        calls = self._calls
+        if calls is None:
+            if last:  # nothing ran: nothing to close
+                return work()
+            calls = self._calls = queue.SimpleQueue()
+            threading.Thread(target=_serve, args=(calls,), name=self._name, daemon=True).start()
+            # A store dropped without aclose() must not leave its thread waiting.
+            weakref.finalize(self, calls.put, None)
         call_soon = _call_soon_threadsafe()
         done = anyio.Event()
         outcome: list[Outcome] = []
