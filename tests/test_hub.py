@@ -622,6 +622,38 @@ async def test_sync_replays_read_state_and_content() -> None:
             assert complete == {"type": "sync_complete", "last_id": m1, "has_more": False}
 
 
+async def test_a_message_stored_between_two_sync_pages_is_not_missed() -> None:
+    # The next page is read while the current one is sent, before the client
+    # asks for it: what is stored meanwhile must still reach the client.
+    limits = Limits(sync_page_size=2)
+    async with (
+        running_hub(limits=limits) as hub,
+        hub.connect(Identity(ALICE)) as alice,
+        hub.connect(Identity(BOB)) as bob,
+    ):
+        ids = [await send_ok(hub, bob, ALICE, str(n)) for n in range(3)]
+        await drain_all(alice, bob)
+
+        await hub.receive(alice, json.dumps({"type": "sync", "after_id": 0}))
+        *page, complete = await drain(alice)
+        assert [f["message"]["id"] for f in page] == ids[:2]
+        assert complete == {"type": "sync_complete", "last_id": ids[1], "has_more": True}
+        late = await send_ok(hub, bob, ALICE, "while alice pages")
+        await hub.receive(alice, json.dumps({"type": "sync", "after_id": ids[1]}))
+        frames = await drain(alice)
+        got = [f["message"]["id"] for f in frames if f["type"] == "private_message"]
+        assert ids[2] in got and late in got
+        assert frames[-1]["type"] == "sync_complete"
+
+        # A page read ahead for one cursor does not answer another one.
+        await hub.receive(alice, json.dumps({"type": "sync", "after_id": 0}))
+        await drain(alice)
+        await hub.receive(alice, json.dumps({"type": "sync", "after_id": ids[0]}))
+        *page, complete = await drain(alice)
+        assert [f["message"]["id"] for f in page] == [ids[1], ids[2]]
+        assert complete == {"type": "sync_complete", "last_id": ids[2], "has_more": True}
+
+
 async def test_live_messages_still_flow_after_a_sync() -> None:
     async with (
         running_hub() as hub,

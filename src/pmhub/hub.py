@@ -115,6 +115,8 @@ class Hub:
         self._connection_count = 0
         self._message_buckets: dict[int, TokenBucket] = {}
         self._typing_buckets: dict[int, TokenBucket] = {}
+        #: The next ``sync`` page of a connection that is paging through one.
+        self._read_ahead: dict[Connection, tuple[int, list[Message]]] = {}
         self._typing = TypingTimers(self.limits.typing_timeout)
         self._typing_changed = anyio.Event()
         self._roster = Roster(self.broker, policy)
@@ -246,6 +248,7 @@ class Hub:
         self._count_connections()
 
     async def _leave(self, connection: Connection) -> None:
+        self._read_ahead.pop(connection, None)
         user_id = connection.user_id
         connections = self._connections.get(user_id, {})
         if connections.pop(connection.id, None) is not None:
@@ -509,7 +512,11 @@ class Hub:
 
     async def _sync(self, connection: Connection, after_id: int) -> None:
         size = self.limits.sync_page_size
-        page = await self._timed("since", self.store.since(connection.user_id, after_id, size + 1))
+        ahead = self._read_ahead.pop(connection, None)
+        if ahead is not None and ahead[0] == after_id:
+            page = ahead[1]
+        else:
+            page = await self._since(connection, after_id)
         if page:  # a page costs what one message does; a sync that finds nothing is free
             self._take_message_token(connection.user_id)
         for message in page[:size]:
@@ -517,7 +524,29 @@ class Hub:
                 return
             self._replay(connection, message)
         last_id = page[min(size, len(page)) - 1].id if page else after_id
-        self._push(connection, Outgoing.of(SyncComplete(last_id, len(page) > size)))
+        more = len(page) > size
+        self._push(connection, Outgoing.of(SyncComplete(last_id, more)))
+        if more:
+            await self._read_next_page(connection, last_id)
+
+    async def _read_next_page(self, connection: Connection, after_id: int) -> None:
+        """Read the page the client will ask for next while this one is on its
+        way: the read no longer waits for the round trip (the connection's
+        next frame waits for it instead). The page is kept until that request,
+        so it stays within half the connection's byte budget; a message marked
+        read meanwhile is replayed as it was (its ``messages_read`` arrives live)."""
+        if connection.closing:
+            return
+        try:
+            page = await self._since(connection, after_id)
+        except BackendError:
+            return  # the request reads it again and reports the error
+        if sum(len(message.content) for message in page) * 2 <= self.limits.max_queue_bytes:
+            self._read_ahead[connection] = (after_id, page)
+
+    async def _since(self, connection: Connection, after_id: int) -> list[Message]:
+        limit = self.limits.sync_page_size + 1  # one more tells whether there is more
+        return await self._timed("since", self.store.since(connection.user_id, after_id, limit))
 
     # -- fan-out --------------------------------------------------------------------
 
