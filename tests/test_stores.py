@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -200,6 +201,29 @@ async def test_sqlite_durability_is_the_synchronous_setting(
         assert store._writer.execute("PRAGMA synchronous").fetchone()[0] == pragma
     finally:
         await store.aclose()
+
+
+@pytest.mark.parametrize("synchronous", ["full", "normal"])
+async def test_sqlite_log_stays_small_under_steady_writes(synchronous: str, tmp_path: Path) -> None:
+    # Checkpoints beside the writes (normal) or in them (full) must still let
+    # the log start over: a server that never stops writing keeps a small file.
+    path = tmp_path / "w.db"
+    before = set(threading.enumerate())
+    store = SQLiteStore(path, synchronous=synchronous)  # type: ignore[arg-type]
+    try:
+        for n in range(2000):  # far past the 1,000 pages after which the log restarts
+            await save(store, Draft(n % 50 + 1, n % 7 + 1, "x" * 200, f"c{n}"))
+        assert (tmp_path / "w.db-wal").stat().st_size < 8 * 1024 * 1024
+        mine = [n for n in range(2000) if n % 50 == 0 or n % 7 == 0]  # user 1 sent or got
+        assert [m.client_id for m in await store.since(1, 0, 5000)] == [f"c{n}" for n in mine]
+    finally:
+        await store.aclose()
+    for thread in set(threading.enumerate()) - before:  # aclose() ended the store's threads
+        if thread.name.startswith("pmhub-sqlite"):
+            thread.join(10)
+            assert not thread.is_alive()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT count(*) FROM messages").fetchone() == (2000,)
 
 
 def test_sqlite_durability_defaults_to_full_and_refuses_unknown_settings() -> None:

@@ -5,7 +5,12 @@ blocks on disk: one owns the connection that writes (``BEGIN IMMEDIATE``; the
 hub hands it whole batches, so one transaction and one thread hop serve many
 messages) and one the connection that reads (WAL lets reads run beside
 writes). Each thread takes its calls in order from a queue and wakes the
-event loop with the outcome: no thread pool, no per-call setup. Ids come
+event loop with the outcome: no thread pool, no per-call setup. With
+``synchronous="normal"`` a third thread copies the write-ahead log into the
+database (a passive checkpoint) every few commits, beside the writes: left
+to the writer, SQLite does it inside a commit every thousand pages, and that
+commit, the log's first flush, held up every message behind it for 10 ms or
+more. Ids come
 from ``AUTOINCREMENT`` under that single writer, so they grow strictly in commit order, also across
 processes sharing the file. Logged-out sessions are kept in the same file
 (:class:`~pmhub.auth.RevocationStore`), so a logout lasts across restarts and
@@ -15,6 +20,7 @@ holds for every process on it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import queue
 import sqlite3
@@ -32,6 +38,8 @@ from ..store import Draft, ReadReceipt
 from ._time import now
 
 __all__ = ["SQLiteStore"]
+
+logger = logging.getLogger("pmhub")
 
 T = TypeVar("T")
 
@@ -68,6 +76,8 @@ INSERT = (
 BY_CLIENT_ID = f"SELECT {COLUMNS} FROM messages WHERE sender_id = ? AND client_id = ?"
 #: How long a connection waits for another one's lock (also another process's).
 BUSY_TIMEOUT = 30.0
+#: Commits between two checkpoints in the background.
+CHECKPOINT_EVERY = 16
 
 
 def _messages(rows: Iterable[Row]) -> list[Message]:
@@ -119,8 +129,14 @@ class SQLiteStore:
         self.synchronous = synchronous
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
+        self._checkpointer: sqlite3.Connection | None = None
         self._write_thread = _Thread("pmhub-sqlite-writer")
         self._read_thread = _Thread("pmhub-sqlite-reader")
+        self._checkpoint_thread = _Thread("pmhub-sqlite-checkpoint")
+        self._commits = 0  # since the last checkpoint was queued (writer thread)
+        # With "full" each commit has flushed the log already, and the writer's
+        # own checkpoint is quick: no checkpoints beside it.
+        self._checkpoints = synchronous == "normal" and self.path != ":memory:"
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(
@@ -148,9 +164,22 @@ class SQLiteStore:
                 conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
+            self._commits += 1
+            if self._commits >= CHECKPOINT_EVERY and self._checkpoints:
+                self._commits = 0
+                self._checkpoint_thread.post(self._checkpoint)
             return result
 
         return await self._write_thread.run(run)
+
+    def _checkpoint(self) -> None:
+        """Copy what the log holds into the database without blocking writers
+        (``PASSIVE``). The writer's own checkpoint, every thousand pages, then
+        finds little left to copy and starts the log over from its beginning,
+        which keeps the file small."""
+        if self._checkpointer is None:
+            self._checkpointer = self._connect()
+        self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     async def _read(self, work: Callable[[sqlite3.Connection], T]) -> T:
         if self.path == ":memory:":  # one database per connection: share the writer's
@@ -317,10 +346,16 @@ class SQLiteStore:
                 self._writer.close()
                 self._writer = None
 
+        def close_checkpointer() -> None:
+            if self._checkpointer is not None:
+                self._checkpointer.close()
+                self._checkpointer = None
+
         # Each after the calls queued before it; the threads end (a later call
-        # starts them again).
+        # starts them again). The writer queues checkpoints: it closes first.
         await self._read_thread.run(close_reader, last=True)
         await self._write_thread.run(close_writer, last=True)
+        await self._checkpoint_thread.run(close_checkpointer, last=True)
 
 
 Outcome = tuple[bool, Any]  # (True, result) or (False, exception)
@@ -334,19 +369,27 @@ class _Thread:
         self._name = name
         self._calls: queue.SimpleQueue[Call | None] | None = None  # the running thread's
 
+    def _started(self) -> queue.SimpleQueue[Call | None]:
+        calls = self._calls
+        if calls is None:
+            calls = self._calls = queue.SimpleQueue()
+            threading.Thread(target=_serve, args=(calls,), name=self._name, daemon=True).start()
+            # A store dropped without aclose() must not leave its thread waiting.
+            weakref.finalize(self, calls.put, None)
+        return calls
+
+    def post(self, work: Callable[[], object]) -> None:
+        """Queue ``work`` without waiting for it (from any thread); a failure is logged."""
+        self._started().put((work, _log_failure))
+
     async def run(self, work: Callable[[], T], *, last: bool = False) -> T:
         """Run ``work`` in the thread and return its result (or raise its
         exception). Cancelling waits for ``work`` to finish, as
         ``anyio.to_thread.run_sync`` does. ``last`` ends the thread after it
         (the next call starts a new one)."""
-        calls = self._calls
-        if calls is None:
-            if last:  # nothing ran: nothing to close
-                return work()
-            calls = self._calls = queue.SimpleQueue()
-            threading.Thread(target=_serve, args=(calls,), name=self._name, daemon=True).start()
-            # A store dropped without aclose() must not leave its thread waiting.
-            weakref.finalize(self, calls.put, None)
+        if last and self._calls is None:  # nothing ran: nothing to close
+            return work()
+        calls = self._started()
         call_soon = _call_soon_threadsafe()
         done = anyio.Event()
         outcome: list[Outcome] = []
@@ -377,6 +420,11 @@ def _serve(calls: queue.SimpleQueue[Call | None]) -> None:
         del call, work  # the store stays collectable while the thread waits
         report(result)
         del report, result
+
+
+def _log_failure(outcome: Outcome) -> None:
+    if not outcome[0]:
+        logger.warning("a background SQLite call failed: %r", outcome[1])
 
 
 def _call_soon_threadsafe() -> Callable[[Callable[[], object]], object]:
