@@ -68,3 +68,51 @@ async def test_both_ways_of_serving_deliver_and_close(own_server: bool) -> None:
                     while True:
                         await recv_json(ws)
                 assert ws.close_code == 1001
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("own_server", [False, True], ids=["listen", "own-serve"])
+async def test_fragments_binary_frames_and_bad_utf8_are_read_as_the_protocol_says(
+    own_server: bool,
+) -> None:
+    """A fragmented text message is one message; a binary frame is an
+    ``invalid_frame``; invalid UTF-8 closes with 1007 and (``listen``) a message
+    in too many fragments with 1009. ``listen`` reads the
+    messages itself, a server of your own through the library: the same."""
+    store = MemoryStore()
+    auth = SessionAuthenticator("a secret of at least sixteen bytes", store)
+    async with Hub(store, AllowAll()) as hub:
+        server = PmhubServer(hub, auth)
+        listening = (
+            serve(server.handler, "127.0.0.1", 0, process_request=server.process_request)
+            if own_server
+            else server.listen("127.0.0.1", 0)
+        )
+        async with listening as running:
+            port = running.sockets[0].getsockname()[1]
+            url = f"ws://127.0.0.1:{port}/ws"
+            async with connect(url, additional_headers=cookie_header(auth.issue(1))) as ws:
+                assert (await recv_json(ws))["type"] == "system"
+                await ws.send(['{"type":"private_message",', '"recipient_id":2,"content":"é"}'])
+                echo = await recv_json(ws)
+                assert echo["type"] == "private_message"
+                assert echo["message"]["content"] == "é"
+                await ws.send(b'{"type":"sync","after_id":0}')
+                error = await recv_json(ws)
+                assert error["type"] == "error" and error["code"] == "invalid_frame"
+                assert "binary" in error["message"]
+                ws.protocol.send_frame(Frame(Opcode.TEXT, b'{"type":"sync","after_id":"\xff"}'))
+                ws.send_data()
+                with pytest.raises(ConnectionClosed):
+                    while True:
+                        await recv_json(ws)
+                assert ws.close_code == 1007
+            if own_server:
+                return  # the library's own reassembly has no count of fragments
+            async with connect(url, additional_headers=cookie_header(auth.issue(1))) as ws:
+                assert (await recv_json(ws))["type"] == "system"
+                with pytest.raises(ConnectionClosed):
+                    await ws.send(" " for _ in range(1000))  # one message in 1,000 pieces
+                    while True:
+                        await recv_json(ws)
+                assert ws.close_code == 1009

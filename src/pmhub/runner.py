@@ -51,8 +51,9 @@ class Transport(Protocol):
         closing; or return False, and :func:`run` sends with :meth:`send`."""
         ...
 
-    async def receive(self) -> str | bytes | None:
-        """The next message: ``str`` for a text frame, ``bytes`` for a binary one."""
+    async def receive(self) -> tuple[str | bytes, bool] | None:
+        """The next message and whether it came in a binary frame. A text
+        message may come as ``str`` or as its UTF-8 ``bytes``."""
         ...
 
     async def send(self, frames: Sequence[Outgoing]) -> None:
@@ -132,8 +133,8 @@ async def run(hub: Hub, identity: Identity, transport: Transport) -> None:
 async def _read(hub: Hub, connection: Connection, transport: Transport) -> None:
     """Feed what the peer sends to the hub until it goes (or the socket fails)."""
     try:
-        while (data := await transport.receive()) is not None:
-            await hub.receive(connection, data, binary=isinstance(data, bytes))
+        while (message := await transport.receive()) is not None:
+            await hub.receive(connection, message[0], binary=message[1])
     except OSError:  # the server lost the socket
         pass
     except Exception:

@@ -82,12 +82,12 @@ class _Transport:
     def attach(self, connection: Connection) -> bool:
         return False  # ASGI's send() must be awaited: run() sends from a task
 
-    async def receive(self) -> str | bytes | None:
+    async def receive(self) -> tuple[str | bytes, bool] | None:
         message = await self._receive()
         if message["type"] == "websocket.disconnect":
             return None
         text: str | None = message.get("text")
-        return text if text is not None else (message.get("bytes") or b"")
+        return (text, False) if text is not None else (message.get("bytes") or b"", True)
 
     async def send(self, frames: Sequence[Outgoing]) -> None:
         for frame in frames:  # ASGI has no way to send several at once

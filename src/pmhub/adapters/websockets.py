@@ -20,6 +20,7 @@ or, in a server of your own::
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import http
 import logging
@@ -37,6 +38,7 @@ try:
     from websockets.asyncio.server import serve as websockets_serve
     from websockets.datastructures import Headers
     from websockets.exceptions import ConnectionClosed
+    from websockets.frames import DATA_OPCODES, CloseCode, Frame, Opcode
     from websockets.http11 import Request as HTTPRequest
     from websockets.http11 import Response
     from websockets.protocol import OPEN
@@ -116,11 +118,15 @@ class _Transport:
             logger.exception("writing to %r failed", connection)
             connection.close(CLOSE_INTERNAL_ERROR, "internal error")
 
-    async def receive(self) -> str | bytes | None:
+    async def receive(self) -> tuple[str | bytes, bool] | None:
+        ws = self._ws
+        if isinstance(ws, _Connection):
+            return await ws.next_message()
         try:
-            return await self._ws.recv()
+            data = await ws.recv()
         except ConnectionClosed:
             return None
+        return data, isinstance(data, bytes)
 
     async def send(self, frames: Sequence[Outgoing]) -> None:
         if _write_now(self._ws, frames):
@@ -183,11 +189,91 @@ def _text_header(length: int) -> bytes:
     return b"\x81\x7f" + length.to_bytes(8, "big")
 
 
+#: Whole messages a connection buffers before it stops reading the socket
+#: (websockets' own default), and the count under which it reads again.
+INBOX_HIGH, INBOX_LOW = 16, 4
+#: Fragments of one message beyond which the connection is closed (1009):
+#: the size limit holds across fragments, but each one costs an object.
+MAX_FRAGMENTS = 64
+
+
 class _Connection(ServerConnection):
     """Writes what the protocol has to send in one system call, not one per
-    frame, and tells pmhub when a full socket buffer has drained."""
+    frame, and tells pmhub when a full socket buffer has drained.
+
+    It also keeps the messages it receives itself, as ``bytes`` (text frames
+    stay UTF-8: the library has checked it, the hub decodes bytes), instead of
+    through the library's assembler: waiting for the next one then holds one
+    future, not a chain of coroutines renewed for every message. Those chains,
+    a thousand connections of them, outlived garbage collections and made
+    the full collections (tens of milliseconds) frequent.
+    """
 
     on_writable: Callable[[], None] | None = None
+    _inbox: collections.deque[tuple[bytes, bool]] | None = None
+    _fragments: list[Frame] | None = None
+    _waiter: asyncio.Future[None] | None = None
+    _ended = False
+
+    def process_event(self, event: Any) -> None:
+        if self.request is None or not isinstance(event, Frame) or event.opcode not in DATA_OPCODES:
+            super().process_event(event)  # the handshake, pings, pongs, the close
+        elif self.protocol.state is not OPEN:  # failed on an earlier frame of the same read
+            pass
+        elif event.opcode is not Opcode.CONT:
+            if event.fin:
+                self._deliver(bytes(event.data), event.opcode is Opcode.BINARY)
+            else:
+                self._fragments = [event]
+        else:  # the library checked the sequence of fragments
+            fragments = self._fragments
+            assert fragments is not None
+            fragments.append(event)
+            if event.fin:
+                self._fragments = None
+                data = b"".join(frame.data for frame in fragments)
+                self._deliver(data, fragments[0].opcode is Opcode.BINARY)
+            elif len(fragments) > MAX_FRAGMENTS:
+                self._fragments = None
+                self._fail(CloseCode.MESSAGE_TOO_BIG, "too many fragments")
+
+    def _fail(self, code: CloseCode, reason: str) -> None:
+        self.protocol.fail(code, reason)
+        self.send_data()
+
+    def _deliver(self, data: bytes, binary: bool) -> None:
+        if not binary:
+            try:
+                data.decode()  # RFC 6455: invalid UTF-8 in a text message fails the connection
+            except UnicodeDecodeError as exc:
+                self._fail(CloseCode.INVALID_DATA, f"{exc.reason} at position {exc.start}")
+                return
+        inbox = self._inbox
+        if inbox is None:
+            inbox = self._inbox = collections.deque()
+        inbox.append((data, binary))
+        if len(inbox) == INBOX_HIGH:
+            self.transport.pause_reading()
+        self._wake_reader()
+
+    def _wake_reader(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def next_message(self) -> tuple[bytes, bool] | None:
+        """The next message (text as UTF-8) and whether it is binary, or None
+        once the peer has closed or gone."""
+        while not self._inbox:
+            if self._ended:
+                return None
+            self._waiter = self.loop.create_future()
+            await self._waiter
+            self._waiter = None
+        message = self._inbox.popleft()
+        if len(self._inbox) == INBOX_LOW and not self._ended:
+            self.transport.resume_reading()
+        return message
 
     def resume_writing(self) -> None:
         super().resume_writing()
@@ -197,6 +283,8 @@ class _Connection(ServerConnection):
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         self.on_writable = None
+        self._ended = True
+        self._wake_reader()
 
     def send_data(self) -> None:
         chunks = self.protocol.data_to_send()
