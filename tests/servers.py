@@ -34,6 +34,8 @@ import pytest
 import uvicorn
 from anyio.abc import Process
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
 
 __all__ = [
     "EXAMPLES",
@@ -329,6 +331,20 @@ async def recv_json(ws: ClientConnection, timeout: float = 5.0) -> dict[str, Any
     frame = json.loads(data)
     assert isinstance(frame, dict), f"expected a JSON object, got {data!r}"
     return frame
+
+
+async def close_code_after(ws: ClientConnection, timeout: float = 5.0) -> int | None:
+    """Read (and drop) frames until the server closes; its close code."""
+    with pytest.raises(ConnectionClosed):
+        while True:
+            await recv_json(ws, timeout)
+    return ws.close_code
+
+
+def send_invalid_utf8(ws: ClientConnection) -> None:
+    """A text frame that is not UTF-8 (the client library would refuse to send it)."""
+    ws.protocol.send_frame(Frame(Opcode.TEXT, b'{"type": "sync", "after_id": "\xff"}'))
+    ws.send_data()
 
 
 #: Generous bounds for the demo process to start and stop (slow CI machines).

@@ -25,9 +25,17 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from servers import DemoProcess, cookie_header, free_port, login, open_ws, recv_json
-from websockets.exceptions import ConnectionClosed, InvalidStatus
-from websockets.frames import Frame, Opcode
+from servers import (
+    DemoProcess,
+    close_code_after,
+    cookie_header,
+    free_port,
+    login,
+    open_ws,
+    recv_json,
+    send_invalid_utf8,
+)
+from websockets.exceptions import InvalidStatus
 
 from pmhub import MemoryStore, SessionAuthenticator
 
@@ -366,12 +374,8 @@ async def test_refusals_are_counted_not_logged_as_errors(demo: DemoProcess) -> N
         assert info.value.response.status_code == 401
     async with open_ws(ws_url(demo), MINT.issue(1)) as ws:
         assert (await recv_json(ws))["type"] == "system"
-        ws.protocol.send_frame(Frame(Opcode.TEXT, b'{"type": "sync", "after_id": "\xff"}'))
-        ws.send_data()
-        with pytest.raises(ConnectionClosed):
-            while True:
-                await recv_json(ws)
-        assert ws.close_code == 1007
+        send_invalid_utf8(ws)
+        assert await close_code_after(ws) == 1007
     async with httpx.AsyncClient(base_url=base(demo)) as http:
         metrics = (await http.get("/metrics")).text
     counted = re.search(r'pmhub_errors_total\{code="unauthenticated"\} (\d+)', metrics)
