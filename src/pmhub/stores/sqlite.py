@@ -5,14 +5,17 @@ blocks on disk: one owns the connection that writes (``BEGIN IMMEDIATE``; the
 hub hands it whole batches, so one transaction and one thread hop serve many
 messages) and one the connection that reads (WAL lets reads run beside
 writes). Each thread takes its calls in order from a queue and wakes the
-event loop with the outcome: no thread pool, no per-call setup. With
-``synchronous="normal"`` a third thread copies the write-ahead log into the
-database (a passive checkpoint) every few commits, beside the writes: left
-to the writer, SQLite does it inside a commit every thousand pages, and that
-commit, the log's first flush, held up every message behind it for 10 ms or
-more. Ids come
-from ``AUTOINCREMENT`` under that single writer, so they grow strictly in commit order, also across
-processes sharing the file. Logged-out sessions are kept in the same file
+event loop with the outcome: no thread pool, no per-call setup.
+
+With ``synchronous="normal"`` a third thread copies the write-ahead log into
+the database (a passive checkpoint) every few commits, beside the writes:
+left to the writer, SQLite does it inside a commit every thousand pages, and
+that commit, the log's first flush, held up every message behind it for
+10 ms or more.
+
+Ids come from ``AUTOINCREMENT`` under that single writer, so they grow
+strictly in commit order, also across processes sharing the file.
+Logged-out sessions are kept in the same file
 (:class:`~pmhub.auth.RevocationStore`), so a logout lasts across restarts and
 holds for every process on it.
 """
