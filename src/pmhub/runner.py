@@ -116,9 +116,9 @@ async def run(hub: Hub, identity: Identity, transport: Transport) -> None:
                 try:
                     while frames := await connection.next_frames():
                         await transport.send(frames)
-                    code = connection.close_code  # set once next_frames() has ended
+                    # The close code is set once next_frames() has ended.
                     await transport.close(
-                        CLOSE_NORMAL if code is None else code, connection.close_reason
+                        connection.close_code or CLOSE_NORMAL, connection.close_reason
                     )
                 except OSError:  # the peer went away; the reader sees it too
                     pass

@@ -242,7 +242,7 @@ class _Connection(ServerConnection):
         self.send_data()
 
     def _deliver(self, data: bytes, binary: bool) -> None:
-        if not binary:
+        if not binary and not data.isascii():  # ASCII is UTF-8: no copy to check it
             try:
                 data.decode()  # RFC 6455: invalid UTF-8 in a text message fails the connection
             except UnicodeDecodeError as exc:

@@ -32,6 +32,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timezone
+from functools import partial
 from typing import Any, Literal, TypeVar
 
 import anyio
@@ -167,10 +168,11 @@ class SQLiteStore:
                 conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
-            self._commits += 1
-            if self._commits >= CHECKPOINT_EVERY and self._checkpoints:
-                self._commits = 0
-                self._checkpoint_thread.post(self._checkpoint)
+            if self._checkpoints:
+                self._commits += 1
+                if self._commits >= CHECKPOINT_EVERY:
+                    self._commits = 0
+                    self._checkpoint_thread.post(self._checkpoint)
             return result
 
         return await self._write_thread.run(run)
@@ -339,26 +341,21 @@ class SQLiteStore:
         await self._read(lambda conn: conn.execute("SELECT 1").fetchone())
 
     async def aclose(self) -> None:
-        def close_reader() -> None:
-            if self._reader is not None:
-                self._reader.close()
-                self._reader = None
+        # Each in its own thread, after the calls queued before it; the threads
+        # end (a later call starts them again). The writer queues checkpoints:
+        # it closes first.
+        for thread, owned in (
+            (self._read_thread, "_reader"),
+            (self._write_thread, "_writer"),
+            (self._checkpoint_thread, "_checkpointer"),
+        ):
+            await thread.run(partial(self._close_connection, owned), last=True)
 
-        def close_writer() -> None:
-            if self._writer is not None:
-                self._writer.close()
-                self._writer = None
-
-        def close_checkpointer() -> None:
-            if self._checkpointer is not None:
-                self._checkpointer.close()
-                self._checkpointer = None
-
-        # Each after the calls queued before it; the threads end (a later call
-        # starts them again). The writer queues checkpoints: it closes first.
-        await self._read_thread.run(close_reader, last=True)
-        await self._write_thread.run(close_writer, last=True)
-        await self._checkpoint_thread.run(close_checkpointer, last=True)
+    def _close_connection(self, attribute: str) -> None:
+        conn: sqlite3.Connection | None = getattr(self, attribute)
+        if conn is not None:
+            conn.close()
+            setattr(self, attribute, None)
 
 
 Outcome = tuple[bool, Any]  # (True, result) or (False, exception)
